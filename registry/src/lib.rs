@@ -1,0 +1,23 @@
+//! Desired state and its compilation: what SPACE should route, where it comes from, and the
+//! immutable [`RouteTable`] the request path reads.
+//!
+//! Sources (today the configuration file and its manifests directory) produce a validated
+//! [`Config`]; [`RouteTable::compile`] turns its modules into a table; [`RouteTableHandle`]
+//! publishes tables whole. Health and load state live in [`InstanceState`]s owned by
+//! [`InstanceStates`], outside any table, so a swap never resets them.
+#![forbid(unsafe_code)]
+
+mod balance;
+mod config;
+mod instance;
+mod publish;
+mod table;
+
+pub use balance::{PickKey, Picker};
+pub use config::{
+    load_config, parse_config, Config, ConfigError, ConfigIssue, ListenerSettings, ServerSettings,
+    TlsSettings,
+};
+pub use instance::{Health, InstanceKey, InstanceState, InstanceStates};
+pub use publish::RouteTableHandle;
+pub use table::{CompiledInstance, CompiledModule, RouteMatch, RouteTable};

@@ -1,0 +1,306 @@
+//! The route table: modules compiled for lookup by host and longest path prefix.
+//!
+//! Lookup order: routes whose hosts name the request host exactly, then wildcard hosts
+//! (longest suffix first), then routes for any host; within each, the longest prefix on a
+//! segment boundary wins. A table is immutable; a change builds a new one.
+use std::{collections::HashMap, fmt::Write as _, sync::Arc};
+
+use space_modules::{HostPattern, InstanceSpec, ModuleSpec};
+
+use crate::{balance::fnv1a, InstanceKey, InstanceState, InstanceStates, Picker};
+
+/// An instance as the request path sees it: its spec and its live state.
+#[derive(Debug, Clone)]
+pub struct CompiledInstance {
+    pub spec: InstanceSpec,
+    pub state: Arc<InstanceState>,
+    /// Stable hash of the instance id, for rendezvous hashing.
+    pub id_hash: u64,
+}
+
+impl CompiledInstance {
+    pub fn new(spec: InstanceSpec, state: Arc<InstanceState>) -> Self {
+        let id_hash = fnv1a(spec.id.as_str().as_bytes());
+        CompiledInstance {
+            spec,
+            state,
+            id_hash,
+        }
+    }
+}
+
+/// A module ready to serve: its spec, instances and chooser.
+#[derive(Debug)]
+pub struct CompiledModule {
+    pub spec: ModuleSpec,
+    pub instances: Vec<CompiledInstance>,
+    pub picker: Picker,
+}
+
+#[derive(Debug, Default)]
+struct PrefixMap {
+    by_prefix: HashMap<Box<str>, u32>,
+}
+
+impl PrefixMap {
+    fn lookup(&self, path: &str) -> Option<(u32, usize)> {
+        if self.by_prefix.is_empty() {
+            return None;
+        }
+        let mut candidate = path;
+        loop {
+            if let Some(&m) = self.by_prefix.get(candidate) {
+                return Some((m, candidate.len()));
+            }
+            match candidate.rfind('/') {
+                Some(0) if candidate.len() > 1 => candidate = "/",
+                Some(0) | None => return None,
+                Some(i) => candidate = &candidate[..i],
+            }
+        }
+    }
+}
+
+/// The result of a lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteMatch<'t> {
+    pub module: &'t CompiledModule,
+    pub module_index: usize,
+    /// Length of the matched prefix (for `strip_prefix`); 1 for the root.
+    pub prefix_len: usize,
+}
+
+/// Every route, compiled. Carries the revision of the state it came from.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    modules: Vec<CompiledModule>,
+    exact_hosts: HashMap<Box<str>, PrefixMap>,
+    wildcard_hosts: Vec<(Box<str>, PrefixMap)>,
+    any_host: PrefixMap,
+    revision: String,
+}
+
+impl RouteTable {
+    /// An empty table (every request gets 404) with a revision label.
+    pub fn empty(revision: &str) -> Self {
+        RouteTable {
+            revision: revision.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Compiles `modules`. Fails, naming both modules, when two claim the same prefix for
+    /// the same host, or when a module name repeats.
+    pub fn compile(
+        modules: &[ModuleSpec],
+        states: &InstanceStates,
+        revision: &str,
+    ) -> Result<RouteTable, Vec<String>> {
+        let refs: Vec<&ModuleSpec> = modules.iter().collect();
+        let conflicts = find_conflicts(&refs);
+        if !conflicts.is_empty() {
+            return Err(conflicts.into_iter().map(|(_, _, why)| why).collect());
+        }
+        let mut table = RouteTable::empty(revision);
+        for (index, spec) in modules.iter().enumerate() {
+            let active = spec.health_check.enabled;
+            let instances: Vec<CompiledInstance> = spec
+                .instances
+                .iter()
+                .map(|inst| {
+                    let key = InstanceKey {
+                        module: spec.name.clone(),
+                        id: inst.id.clone(),
+                        addr: inst.addr,
+                    };
+                    CompiledInstance::new(inst.clone(), states.get_or_create(key, active))
+                })
+                .collect();
+            let picker = Picker::new(&spec.load_balancing, &instances);
+            for prefix in &spec.prefixes {
+                let key: Box<str> = prefix.as_str().into();
+                if spec.hosts.is_empty() {
+                    table.any_host.by_prefix.insert(key.clone(), index as u32);
+                }
+                for host in &spec.hosts {
+                    let map = match host {
+                        HostPattern::Exact(h) => table.exact_hosts.entry((**h).into()).or_default(),
+                        HostPattern::Wildcard(s) => {
+                            match table.wildcard_hosts.iter().position(|(w, _)| **w == **s) {
+                                Some(i) => &mut table.wildcard_hosts[i].1,
+                                None => {
+                                    table.wildcard_hosts.push(((**s).into(), PrefixMap::default()));
+                                    &mut table.wildcard_hosts.last_mut().unwrap().1
+                                }
+                            }
+                        }
+                    };
+                    map.by_prefix.insert(key.clone(), index as u32);
+                }
+            }
+            table.modules.push(CompiledModule {
+                spec: spec.clone(),
+                instances,
+                picker,
+            });
+        }
+        table
+            .wildcard_hosts
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Ok(table)
+    }
+
+    /// Finds the module for a request. `host` must be lowercase without port; `path` normalized.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<RouteMatch<'_>> {
+        let hit = self
+            .exact_hosts
+            .get(host)
+            .and_then(|m| m.lookup(path))
+            .or_else(|| {
+                self.wildcard_hosts.iter().find_map(|(suffix, map)| {
+                    let wildcard_match = host.len() > suffix.len()
+                        && host.ends_with(&**suffix)
+                        && !host[..host.len() - suffix.len()].contains('.');
+                    if wildcard_match {
+                        map.lookup(path)
+                    } else {
+                        None
+                    }
+                })
+            })
+            .or_else(|| self.any_host.lookup(path));
+        hit.map(|(index, prefix_len)| RouteMatch {
+            module: &self.modules[index as usize],
+            module_index: index as usize,
+            prefix_len,
+        })
+    }
+
+    pub fn modules(&self) -> &[CompiledModule] {
+        &self.modules
+    }
+
+    pub fn module(&self, name: &str) -> Option<&CompiledModule> {
+        self.modules.iter().find(|m| m.spec.name.as_str() == name)
+    }
+
+    /// Where this table came from: a file hash or an etcd revision.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.modules.iter().map(|m| m.instances.len()).sum()
+    }
+}
+
+/// Pairs of modules that cannot coexist: `(i, j, reason)`.
+pub fn find_conflicts(modules: &[&ModuleSpec]) -> Vec<(usize, usize, String)> {
+    let mut out = Vec::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    // (host scope, prefix) -> module index
+    let mut claims: HashMap<(String, &str), usize> = HashMap::new();
+    for (i, m) in modules.iter().enumerate() {
+        if let Some(&j) = names.get(m.name.as_str()) {
+            out.push((j, i, format!("module name `{}` is defined twice", m.name)));
+            continue;
+        }
+        names.insert(m.name.as_str(), i);
+        let scopes: Vec<String> = if m.hosts.is_empty() {
+            vec!["*any*".into()]
+        } else {
+            m.hosts.iter().map(|h| h.to_string()).collect()
+        };
+        for scope in scopes {
+            for p in &m.prefixes {
+                if let Some(&j) = claims.get(&(scope.clone(), p.as_str())) {
+                    if j != i {
+                        let mut why = String::new();
+                        let _ = write!(
+                            why,
+                            "prefix `{}` of module `{}` overlaps module `{}`, which routes the same prefix",
+                            p, m.name, modules[j].name
+                        );
+                        if scope != "*any*" {
+                            let _ = write!(why, " for host `{scope}`");
+                        }
+                        out.push((j, i, why));
+                    }
+                } else {
+                    claims.insert((scope.clone(), p.as_str()), i);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use space_modules::parse_toml_manifest;
+
+    fn module(text: &str) -> ModuleSpec {
+        parse_toml_manifest(text, "t.toml").unwrap()
+    }
+
+    fn table() -> RouteTable {
+        let modules = vec![
+            module("name = \"core\"\nprefixes = [\"/\"]"),
+            module("name = \"portal\"\nprefixes = [\"/patient_portal\"]"),
+            module("name = \"labs\"\nprefixes = [\"/modules/labs\"]"),
+            module("name = \"tenant\"\nprefixes = [\"/\"]\nhosts = [\"clinic.example.org\"]"),
+            module("name = \"wild\"\nprefixes = [\"/\"]\nhosts = [\"*.example.org\"]"),
+        ];
+        RouteTable::compile(&modules, &InstanceStates::new(), "r1").unwrap()
+    }
+
+    fn name<'a>(t: &'a RouteTable, host: &str, path: &str) -> &'a str {
+        t.lookup(host, path).unwrap().module.spec.name.as_str()
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let t = table();
+        assert_eq!(name(&t, "x", "/patient_portal"), "portal");
+        assert_eq!(name(&t, "x", "/patient_portal/"), "portal");
+        assert_eq!(name(&t, "x", "/patient_portal/home.php"), "portal");
+        assert_eq!(name(&t, "x", "/patient_portalx"), "core");
+        assert_eq!(name(&t, "x", "/modules/labs/a/b"), "labs");
+        assert_eq!(name(&t, "x", "/modules/lab"), "core");
+        assert_eq!(name(&t, "x", "/"), "core");
+        assert_eq!(t.lookup("x", "/patient_portal/a").unwrap().prefix_len, 15);
+    }
+
+    #[test]
+    fn host_routes_come_first_then_fall_back() {
+        let t = table();
+        assert_eq!(name(&t, "clinic.example.org", "/interface"), "tenant");
+        assert_eq!(name(&t, "other.example.org", "/interface"), "wild");
+        assert_eq!(name(&t, "a.b.example.org", "/interface"), "core");
+        assert_eq!(name(&t, "example.org", "/"), "core");
+    }
+
+    #[test]
+    fn same_prefix_same_host_is_refused_with_both_names() {
+        let modules = vec![
+            module("name = \"a\"\nprefixes = [\"/x\"]"),
+            module("name = \"b\"\nprefixes = [\"/x/\"]"),
+        ];
+        let errs = RouteTable::compile(&modules, &InstanceStates::new(), "r").unwrap_err();
+        assert!(errs[0].contains("`/x`") && errs[0].contains("`a`") && errs[0].contains("`b`"), "{errs:?}");
+        let ok = vec![
+            module("name = \"a\"\nprefixes = [\"/x\"]"),
+            module("name = \"b\"\nprefixes = [\"/x\"]\nhosts = [\"b.example\"]"),
+        ];
+        assert!(RouteTable::compile(&ok, &InstanceStates::new(), "r").is_ok());
+    }
+
+    #[test]
+    fn no_route_without_root() {
+        let modules = vec![module("name = \"a\"\nprefixes = [\"/x\"]")];
+        let t = RouteTable::compile(&modules, &InstanceStates::new(), "r").unwrap();
+        assert!(t.lookup("h", "/y").is_none());
+        assert!(t.lookup("h", "/").is_none());
+    }
+}
