@@ -13,6 +13,8 @@ use std::{
 
 use space_modules::{InstanceId, ModuleName};
 
+use crate::ModuleStats;
+
 /// Identity of an instance's live state. A changed address is a new instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InstanceKey {
@@ -177,8 +179,15 @@ impl InstanceState {
         if self.checking.swap(true, Ordering::AcqRel) {
             return false;
         }
+        // A pending instance is retried quickly so that a new container takes traffic soon
+        // after it starts listening; afterwards the module's interval applies.
+        let wait = if self.health.load(Ordering::Relaxed) == PENDING {
+            interval.min(Duration::from_millis(500))
+        } else {
+            interval
+        };
         self.next_check_ms
-            .store(now + interval.as_millis() as u64, Ordering::Relaxed);
+            .store(now + wait.as_millis() as u64, Ordering::Relaxed);
         true
     }
 
@@ -199,11 +208,18 @@ impl InstanceState {
 #[derive(Debug, Default)]
 pub struct InstanceStates {
     map: Mutex<HashMap<InstanceKey, Weak<InstanceState>>>,
+    modules: Mutex<HashMap<ModuleName, Arc<ModuleStats>>>,
 }
 
 impl InstanceStates {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// The counters of a module (kept for the life of the process).
+    pub fn module_stats(&self, module: &ModuleName) -> Arc<ModuleStats> {
+        let mut map = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(module.clone()).or_default().clone()
     }
 
     /// The state for `key`, created (pending if `active_checks`) when not yet known.

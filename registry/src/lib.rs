@@ -11,6 +11,7 @@ mod balance;
 mod config;
 mod instance;
 mod publish;
+mod stats;
 mod table;
 
 pub use balance::{PickKey, Picker};
@@ -20,4 +21,5 @@ pub use config::{
 };
 pub use instance::{Health, InstanceKey, InstanceState, InstanceStates};
 pub use publish::RouteTableHandle;
+pub use stats::{ModuleStats, LATENCY_BUCKETS_MS};
 pub use table::{CompiledInstance, CompiledModule, RouteMatch, RouteTable};

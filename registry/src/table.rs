@@ -7,7 +7,7 @@ use std::{collections::HashMap, fmt::Write as _, sync::Arc};
 
 use space_modules::{HostPattern, InstanceSpec, ModuleSpec};
 
-use crate::{balance::fnv1a, InstanceKey, InstanceState, InstanceStates, Picker};
+use crate::{balance::fnv1a, InstanceKey, InstanceState, InstanceStates, ModuleStats, Picker};
 
 /// An instance as the request path sees it: its spec and its live state.
 #[derive(Debug, Clone)]
@@ -35,6 +35,7 @@ pub struct CompiledModule {
     pub spec: ModuleSpec,
     pub instances: Vec<CompiledInstance>,
     pub picker: Picker,
+    pub stats: Arc<ModuleStats>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +143,7 @@ impl RouteTable {
                 spec: spec.clone(),
                 instances,
                 picker,
+                stats: states.module_stats(&spec.name),
             });
         }
         table

@@ -1,0 +1,227 @@
+//! Headers SPACE writes on the way to the backend and back: X-Forwarded-*, X-Request-Id,
+//! and the removal of hop-by-hop headers.
+use std::net::IpAddr;
+
+use http::{header, HeaderName, HeaderValue};
+use pingora_http::RequestHeader;
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never travel past SPACE. `Transfer-Encoding`
+/// and `Content-Length` are left to Pingora, which owns message framing.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+];
+
+/// A client-supplied request id is kept when it is 1 to 128 of `[A-Za-z0-9._:-]`.
+pub fn is_well_formed_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A new random request id: 32 lowercase hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let n: u128 = rand::random();
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+/// What the forwarding headers are built from.
+pub struct Forwarding<'a> {
+    pub client_ip: Option<IpAddr>,
+    /// The peer is a configured trusted proxy: keep what it says.
+    pub trusted: bool,
+    pub proto: &'static str,
+    pub request_id: &'a HeaderValue,
+}
+
+/// Rewrites `req` for the backend: hop-by-hop headers out, X-Forwarded-* and X-Request-Id in.
+pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
+    remove_hop_by_hop(req);
+
+    // Host: HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
+    if req.headers.get(header::HOST).is_none() {
+        if let Some(authority) = req.uri.authority().map(|a| a.as_str().to_owned()) {
+            let _ = req.insert_header(header::HOST, authority);
+        }
+    }
+
+    let ip = fwd.client_ip.map(|ip| ip.to_string());
+    let xff = match (fwd.trusted, req.headers.get(X_FORWARDED_FOR), &ip) {
+        (true, Some(prev), Some(ip)) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        (_, _, Some(ip)) => HeaderValue::from_str(ip).ok(),
+        _ => None,
+    };
+    match xff {
+        Some(v) => {
+            let _ = req.insert_header(X_FORWARDED_FOR, v);
+        }
+        None => {
+            req.remove_header(X_FORWARDED_FOR);
+        }
+    }
+
+    if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
+        let _ = req.insert_header(X_FORWARDED_PROTO, fwd.proto);
+    }
+    if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
+        match req.headers.get(header::HOST).cloned() {
+            Some(host) => {
+                let _ = req.insert_header(X_FORWARDED_HOST, host);
+            }
+            None => {
+                req.remove_header(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !fwd.trusted {
+        req.remove_header(&header::FORWARDED);
+    }
+    let _ = req.insert_header(X_REQUEST_ID, fwd.request_id.clone());
+}
+
+/// Removes hop-by-hop headers and any header the Connection header names, except what a
+/// protocol upgrade (WebSocket) needs.
+fn remove_hop_by_hop(req: &mut RequestHeader) {
+    let connection = req.headers.get(header::CONNECTION).cloned();
+    let upgrade = connection.as_ref().is_some_and(|c| {
+        c.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    }) && req.headers.contains_key(header::UPGRADE);
+    if let Some(conn) = &connection {
+        for token in conn.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                // Never let a client strip what SPACE itself relies on.
+                if name != header::HOST && name.as_str() != X_REQUEST_ID {
+                    req.remove_header(&name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if req.headers.contains_key(name) {
+            req.remove_header(name);
+        }
+    }
+    if upgrade {
+        let _ = req.insert_header(header::CONNECTION, "upgrade");
+    } else if req.headers.contains_key(header::UPGRADE) {
+        req.remove_header(&header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/x", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn get<'a>(r: &'a RequestHeader, k: &str) -> Option<&'a str> {
+        r.headers.get(k).map(|v| v.to_str().unwrap())
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_forge_forwarding_headers() {
+        let id = HeaderValue::from_static("abc");
+        let mut r = req(&[
+            ("host", "ehr.example.org"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        prepare_upstream_request(
+            &mut r,
+            &Forwarding {
+                client_ip: Some("192.0.2.1".parse().unwrap()),
+                trusted: false,
+                proto: "http",
+                request_id: &id,
+            },
+        );
+        assert_eq!(get(&r, "x-forwarded-for"), Some("192.0.2.1"));
+        assert_eq!(get(&r, "x-forwarded-proto"), Some("http"));
+        assert_eq!(get(&r, "x-forwarded-host"), Some("ehr.example.org"));
+        assert_eq!(get(&r, "host"), Some("ehr.example.org"));
+        assert_eq!(get(&r, "x-request-id"), Some("abc"));
+        for gone in ["forwarded", "connection", "x-secret", "keep-alive"] {
+            assert!(r.headers.get(gone).is_none(), "{gone} should be removed");
+        }
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_appended() {
+        let id = HeaderValue::from_static("abc");
+        let mut r = req(&[("host", "h"), ("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")]);
+        prepare_upstream_request(
+            &mut r,
+            &Forwarding {
+                client_ip: Some("10.0.0.2".parse().unwrap()),
+                trusted: true,
+                proto: "http",
+                request_id: &id,
+            },
+        );
+        assert_eq!(get(&r, "x-forwarded-for"), Some("203.0.113.9, 10.0.0.2"));
+        assert_eq!(get(&r, "x-forwarded-proto"), Some("https"));
+    }
+
+    #[test]
+    fn websocket_upgrade_survives() {
+        let id = HeaderValue::from_static("abc");
+        let mut r = req(&[("host", "h"), ("connection", "Upgrade"), ("upgrade", "websocket")]);
+        prepare_upstream_request(
+            &mut r,
+            &Forwarding { client_ip: None, trusted: false, proto: "http", request_id: &id },
+        );
+        assert_eq!(get(&r, "upgrade"), Some("websocket"));
+        assert_eq!(get(&r, "connection"), Some("upgrade"));
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(is_well_formed_request_id(b"0f3c-aa.b:c_d"));
+        assert!(!is_well_formed_request_id(b""));
+        assert!(!is_well_formed_request_id(b"a b"));
+        assert!(!is_well_formed_request_id(&[b'a'; 129]));
+        let id = new_request_id();
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, new_request_id());
+    }
+}

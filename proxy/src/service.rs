@@ -1,0 +1,571 @@
+//! The request path: one [`ProxyHttp`] phase per method, in the order Pingora calls them
+//! (see docs/request-path.md). Each phase says what it decides and what it answers.
+//!
+//! Per request: one route-table load, no map lookups (instance state and counters hang off
+//! the table), a borrowed path unless normalization changed it.
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderValue};
+use pingora_core::{upstreams::peer::HttpPeer, ErrorType};
+use pingora_error::{Error, ErrorSource, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use space_registry::{
+    CompiledModule, InstanceStates, ListenerSettings, ModuleStats, RouteTable, RouteTableHandle,
+    ServerSettings,
+};
+
+use crate::{
+    headers::{self, Forwarding},
+    path::normalize_path,
+};
+
+/// Most connect retries a request can make (bounded by the module's `retries`, at most 10).
+const MAX_ATTEMPTS: usize = 11;
+
+/// Process-wide counters that belong to no module.
+#[derive(Debug, Default)]
+pub struct GlobalStats {
+    pub bad_path: AtomicU64,
+    pub no_route: AtomicU64,
+    pub header_too_large: AtomicU64,
+    pub redirects: AtomicU64,
+}
+
+/// What the request path shares across requests.
+pub struct ProxyState {
+    pub routes: Arc<RouteTableHandle>,
+    pub states: Arc<InstanceStates>,
+    pub server: ServerSettings,
+    pub listeners: ListenerSettings,
+    pub hsts: Option<HeaderValue>,
+    /// Requests between `request_filter` and `logging`: SIGTERM waits for this to reach 0.
+    pub in_flight: AtomicU64,
+    pub shutting_down: AtomicBool,
+    pub global: GlobalStats,
+}
+
+/// The SPACE proxy logic.
+pub struct SpaceProxy {
+    pub state: Arc<ProxyState>,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    started: Instant,
+    counted: bool,
+    table: Option<Arc<RouteTable>>,
+    module: usize,
+    routed: bool,
+    tls: bool,
+    request_id: Option<HeaderValue>,
+    tried: [u32; MAX_ATTEMPTS],
+    attempts: usize,
+    /// Index of the instance the current attempt went to; `in_flight` was bumped for it.
+    current: Option<u32>,
+    body_bytes: u64,
+    /// Set when SPACE answered by itself (status and reason for the access log).
+    local_reason: &'static str,
+}
+
+impl RequestCtx {
+    fn module(&self) -> Option<&CompiledModule> {
+        if !self.routed {
+            return None;
+        }
+        self.table.as_ref().map(|t| &t.modules()[self.module])
+    }
+}
+
+fn status_error(code: u16, why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(code), why)
+}
+
+/// Lowercase host without port, from :authority or Host. Borrowed unless it had uppercase.
+fn request_host(req: &RequestHeader) -> std::borrow::Cow<'_, str> {
+    let raw = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    let host = if raw.starts_with('[') {
+        raw.split_inclusive(']').next().unwrap_or(raw)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
+fn header_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+impl SpaceProxy {
+    /// Sends a short plain-text answer of SPACE's own.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: &'static str,
+        extra: Option<(header::HeaderName, HeaderValue)>,
+    ) -> Result<bool> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        if let Some((k, v)) = extra {
+            resp.insert_header(k, v)?;
+        }
+        self.decorate_response(&mut resp, ctx);
+        session.set_keepalive(if status >= 400 && status != 404 { None } else { Some(self.keepalive_secs()) });
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await?;
+        Ok(true)
+    }
+
+    fn keepalive_secs(&self) -> u64 {
+        self.state.server.client_idle_timeout.as_secs().max(1)
+    }
+
+    /// Headers SPACE adds to every response: X-Request-Id and, over TLS, HSTS.
+    fn decorate_response(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) {
+        if let Some(id) = &ctx.request_id {
+            let _ = resp.insert_header(headers::X_REQUEST_ID, id.clone());
+        }
+        if ctx.tls {
+            if let Some(hsts) = &self.state.hsts {
+                let _ = resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+        }
+    }
+
+    fn redirect_location(&self, req: &RequestHeader) -> Option<HeaderValue> {
+        let https = self.state.listeners.https?;
+        let host = request_host(req);
+        let host = if host.contains(':') { format!("[{host}]") } else { host.into_owned() };
+        let port = if https.port() == 443 { String::new() } else { format!(":{}", https.port()) };
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        HeaderValue::from_str(&format!("https://{host}{port}{pq}")).ok()
+    }
+
+    fn end_attempt(&self, ctx: &mut RequestCtx) {
+        if let (Some(i), Some(m)) = (ctx.current.take(), ctx.module()) {
+            m.instances[i as usize].state.end_request();
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for SpaceProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            counted: false,
+            table: None,
+            module: 0,
+            routed: false,
+            tls: false,
+            request_id: None,
+            tried: [0; MAX_ATTEMPTS],
+            attempts: 0,
+            current: None,
+            body_bytes: 0,
+            local_reason: "",
+        }
+    }
+
+    /// No downstream modules: SPACE does not compress, and an unused compression context
+    /// would cost an allocation per request.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
+    /// Decides whether the request goes anywhere. Answers by itself (returns `Ok(true)`):
+    /// 431 for an oversized head, 308 to HTTPS when configured, 400 for a path that fails
+    /// normalization, 404 for no route or a deny rule, 413 for a declared body over the
+    /// module's limit. Otherwise routes the request and rewrites its path to the normalized
+    /// (and, with `strip_prefix`, shortened) form.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        ctx.counted = true;
+        ctx.tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        if self.state.shutting_down.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(self.keepalive_secs()));
+        }
+
+        let req = session.req_header();
+        ctx.request_id = Some(match req.headers.get(headers::X_REQUEST_ID) {
+            Some(v) if headers::is_well_formed_request_id(v.as_bytes()) => v.clone(),
+            _ => headers::new_request_id(),
+        });
+
+        if header_bytes(req) > self.state.server.max_header_size {
+            ModuleStats::bump(&self.state.global.header_too_large);
+            ctx.local_reason = "header too large";
+            return self
+                .answer(session, ctx, 431, "431 Request Header Fields Too Large\n", None)
+                .await;
+        }
+
+        if !ctx.tls && self.state.listeners.redirect_to_https {
+            if let Some(location) = self.redirect_location(req) {
+                ModuleStats::bump(&self.state.global.redirects);
+                ctx.local_reason = "redirect to https";
+                return self
+                    .answer(session, ctx, 308, "308 Permanent Redirect\n", Some((header::LOCATION, location)))
+                    .await;
+            }
+        }
+
+        let path = req.uri.path();
+        let normalized = match normalize_path(path) {
+            Ok(p) => p,
+            Err(_) => {
+                ModuleStats::bump(&self.state.global.bad_path);
+                ctx.local_reason = "bad path";
+                return self.answer(session, ctx, 400, "400 Bad Request: invalid path\n", None).await;
+            }
+        };
+
+        let table = self.state.routes.load();
+        let host = request_host(req);
+        let Some(route) = table.lookup(&host, &normalized) else {
+            ModuleStats::bump(&self.state.global.no_route);
+            ctx.local_reason = "no route";
+            return self.answer(session, ctx, 404, "404 Not Found\n", None).await;
+        };
+        let module = route.module;
+        let module_index = route.module_index;
+        let prefix_len = route.prefix_len;
+
+        if module.spec.deny.is_denied(&normalized) {
+            ModuleStats::bump(&module.stats.denied);
+            ctx.local_reason = "denied";
+            ctx.table = Some(table);
+            ctx.module = module_index;
+            ctx.routed = true;
+            return self.answer(session, ctx, 404, "404 Not Found\n", None).await;
+        }
+
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > module.spec.max_body_size) {
+            ModuleStats::bump(&module.stats.body_too_large);
+            ctx.local_reason = "body too large";
+            ctx.table = Some(table);
+            ctx.module = module_index;
+            ctx.routed = true;
+            return self
+                .answer(session, ctx, 413, "413 Content Too Large\n", None)
+                .await;
+        }
+
+        let strip = module.spec.strip_prefix && prefix_len > 1;
+        let rewrite = strip || matches!(normalized, std::borrow::Cow::Owned(_));
+        if rewrite {
+            let mut new_path = if strip {
+                let rest = &normalized[prefix_len..];
+                if rest.is_empty() { "/".to_string() } else { rest.to_string() }
+            } else {
+                normalized.into_owned()
+            };
+            if let Some(q) = req.uri.query() {
+                new_path.push('?');
+                new_path.push_str(q);
+            }
+            let uri = http::Uri::builder()
+                .path_and_query(new_path)
+                .build()
+                .map_err(|_| status_error(400, "rewritten path is not a valid URI"))?;
+            session.req_header_mut().set_uri(uri);
+        }
+
+        ctx.table = Some(table);
+        ctx.module = module_index;
+        ctx.routed = true;
+        Ok(false)
+    }
+
+    /// Counts the body as it streams; past the module's limit fails the request with 413
+    /// (the body is never buffered whole).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            if let Some(m) = ctx.module() {
+                if ctx.body_bytes > m.spec.max_body_size {
+                    ModuleStats::bump(&m.stats.body_too_large);
+                    ctx.local_reason = "body too large";
+                    return Err(status_error(413, "request body over the module's max_body_size"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Chooses the instance: the module's policy over available, non-draining instances not
+    /// yet tried for this request. None available: 503.
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        self.end_attempt(ctx);
+        let Some(module) = ctx.module() else {
+            return Err(status_error(404, "no route"));
+        };
+        let tried = &ctx.tried[..ctx.attempts];
+        let key = match &module.spec.load_balancing {
+            space_modules::LoadBalancing::ConsistentHash(on) => hash_key(session, on),
+            _ => None,
+        };
+        let Some(index) = module
+            .picker
+            .pick(&module.instances, key, |i| tried.contains(&(i as u32)))
+        else {
+            ModuleStats::bump(&module.stats.no_instance);
+            ctx.local_reason = "no instance available";
+            return Err(status_error(503, "no healthy instance"));
+        };
+        let instance = &module.instances[index];
+        instance.state.begin_request();
+        let t = &module.spec.timeouts;
+        let mut peer = HttpPeer::new(instance.spec.addr, false, String::new());
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.write);
+        peer.options.idle_timeout = Some(t.idle);
+        if ctx.attempts < MAX_ATTEMPTS {
+            ctx.tried[ctx.attempts] = index as u32;
+            ctx.attempts += 1;
+        }
+        ctx.current = Some(index as u32);
+        Ok(Box::new(peer))
+    }
+
+    /// A connect failure counts against the instance (max_fails takes it down) and is
+    /// retried on another instance while the module's `retries` allow.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
+            let inst = &m.instances[i as usize];
+            let hc = &m.spec.health_check;
+            if inst.state.record_request_failure(hc.max_fails, hc.fail_timeout) {
+                ModuleStats::bump(&m.stats.passive_ejections);
+                tracing::warn!(module = %m.spec.name, instance = %inst.spec.id, addr = %inst.spec.addr,
+                    "instance marked down after {} failed connects", hc.max_fails);
+            }
+            let retries_left = ctx.attempts <= m.spec.retries as usize && ctx.attempts < MAX_ATTEMPTS;
+            if retries_left && ctx.attempts < m.instances.len() {
+                ModuleStats::bump(&m.stats.retries);
+                e.set_retry(true);
+            } else {
+                e.set_retry(false);
+            }
+        }
+        e
+    }
+
+    /// Writes the forwarding headers for the backend.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let client_ip: Option<IpAddr> = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let trusted = client_ip.is_some_and(|ip| self.state.server.is_trusted_proxy(ip));
+        let id = ctx.request_id.clone().unwrap_or_else(headers::new_request_id);
+        headers::prepare_upstream_request(
+            upstream,
+            &Forwarding {
+                client_ip,
+                trusted,
+                proto: if ctx.tls { "https" } else { "http" },
+                request_id: &id,
+            },
+        );
+        Ok(())
+    }
+
+    /// The backend answered: reset its failure count; add X-Request-Id and HSTS.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
+            m.instances[i as usize].state.record_request_success();
+        }
+        self.decorate_response(resp, ctx);
+        Ok(())
+    }
+
+    /// SPACE's own error answers: short text bodies, never a hang. Upstream timeouts are
+    /// 504, other upstream failures 502, declared statuses (413, 503) as given.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && !session.response_written().is_some() {
+            let body: &'static str = match code {
+                400 => "400 Bad Request\n",
+                404 => "404 Not Found\n",
+                413 => "413 Content Too Large\n",
+                502 => "502 Bad Gateway: the module's instance could not be reached\n",
+                503 => "503 Service Unavailable: no healthy instance, try again shortly\n",
+                504 => "504 Gateway Timeout: the module's instance did not answer in time\n",
+                _ => "error\n",
+            };
+            if let Ok(mut resp) = ResponseHeader::build(code, Some(4)) {
+                let _ = resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
+                let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
+                let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
+                if code == 503 {
+                    let _ = resp.insert_header(header::RETRY_AFTER, "5");
+                }
+                self.decorate_response(&mut resp, ctx);
+                session.set_keepalive(None);
+                if session.write_response_header(Box::new(resp), false).await.is_ok() {
+                    let _ = session
+                        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+                        .await;
+                }
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Quiet Pingora's error log for outcomes SPACE already reports (413, 503, client gone).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        matches!(error.etype(), ErrorType::HTTPStatus(_))
+    }
+
+    /// Releases the instance, counts the response, writes the access-log line. The line is
+    /// PHI-safe: no query string, no cookie or Authorization values.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.end_attempt(ctx);
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        if let Some(m) = ctx.module() {
+            m.stats.record_response(status, elapsed.as_micros() as u64);
+        }
+        if self.state.server.access_log {
+            access_log(session, e, ctx, status, elapsed);
+        }
+        if ctx.counted {
+            ctx.counted = false;
+            self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn hash_key(session: &Session, on: &space_modules::HashOn) -> Option<space_registry::PickKey> {
+    use space_modules::HashOn;
+    use space_registry::PickKey;
+    match on {
+        HashOn::ClientIp => session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| match a.ip() {
+                IpAddr::V4(v4) => PickKey::hash(&v4.octets()),
+                IpAddr::V6(v6) => PickKey::hash(&v6.octets()),
+            }),
+        HashOn::Header(name) => session
+            .req_header()
+            .headers
+            .get(name.as_str())
+            .map(|v| PickKey::hash(v.as_bytes())),
+        HashOn::Cookie(name) => crate::cookies::find_cookie(session.req_header(), name)
+            .map(|v| PickKey::hash(v.as_bytes())),
+    }
+}
+
+fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+    let req = session.req_header();
+    let module = ctx.module();
+    let instance = match (module, ctx.tried.get(ctx.attempts.wrapping_sub(1))) {
+        (Some(m), Some(&i)) if ctx.attempts > 0 => m.instances[i as usize].spec.id.as_str(),
+        _ => "-",
+    };
+    let client = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "access",
+        client = %client,
+        method = %req.method,
+        path = %req.uri.path(),
+        status = status,
+        module = module.map_or("-", |m| m.spec.name.as_str()),
+        instance = instance,
+        attempts = ctx.attempts,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        body_bytes = ctx.body_bytes,
+        tls = ctx.tls,
+        request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        local = ctx.local_reason,
+        error = e.map(|e| e.etype().as_str()).unwrap_or(""),
+    );
+}
