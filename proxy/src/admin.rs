@@ -115,7 +115,11 @@ impl ServeHttp for AdminApp {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
             if !ok {
-                return reply(StatusCode::UNAUTHORIZED, "text/plain", b"401 Unauthorized: send Authorization: Bearer <token>\n".to_vec());
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    b"401 Unauthorized: send Authorization: Bearer <token>\n".to_vec(),
+                );
             }
         }
         let path = session.req_header().uri.path().to_string();

@@ -4,7 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "space", version, about = "SPACE: the edge proxy for a containerized EHR")]
+#[command(
+    name = "space",
+    version,
+    about = "SPACE: the edge proxy for a containerized EHR"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SPACE_LOG_FORMAT")]
@@ -48,7 +52,9 @@ pub enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPACE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
+        });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -72,10 +78,21 @@ pub fn main() -> ExitCode {
                 .and_then(|c| crate::server::run(c, Vec::new()));
             report(result)
         }
-        Command::Demo { dir, http, https, admin } => {
-            let opts = crate::demo::DemoOptions { dir, http, https, admin };
+        Command::Demo {
+            dir,
+            http,
+            https,
+            admin,
+        } => {
+            let opts = crate::demo::DemoOptions {
+                dir,
+                http,
+                https,
+                admin,
+            };
             let result = crate::demo::prepare(&opts).and_then(|(path, services, banner)| {
-                let config = space_registry::load_config(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let config =
+                    space_registry::load_config(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
                 eprintln!("{banner}");
                 crate::server::run(config, services)
             });
@@ -114,12 +131,18 @@ fn validate(path: &std::path::Path) -> ExitCode {
                     tls.cert_dir.display()
                 ));
             } else {
-                problems.extend(space_certs::validate_dir(&tls.cert_dir).iter().map(|e| e.to_string()));
+                problems.extend(
+                    space_certs::validate_dir(&tls.cert_dir)
+                        .iter()
+                        .map(|e| e.to_string()),
+                );
             }
         }
     }
     let states = space_registry::InstanceStates::new();
-    if let Err(errs) = space_registry::RouteTable::compile(&config.modules, &states, &config.revision) {
+    if let Err(errs) =
+        space_registry::RouteTable::compile(&config.modules, &states, &config.revision)
+    {
         problems.extend(errs);
     }
     if !problems.is_empty() {

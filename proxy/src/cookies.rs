@@ -21,7 +21,8 @@ mod tests {
     #[test]
     fn finds_named_cookie() {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();
-        r.append_header("cookie", "a=1; PHPSESSID=abc; b=2").unwrap();
+        r.append_header("cookie", "a=1; PHPSESSID=abc; b=2")
+            .unwrap();
         r.append_header("cookie", "LibreHealthEHR=\"xyz\"").unwrap();
         assert_eq!(find_cookie(&r, "PHPSESSID"), Some("abc"));
         assert_eq!(find_cookie(&r, "LibreHealthEHR"), Some("xyz"));

@@ -12,7 +12,9 @@ use std::{
 use anyhow::Context;
 use async_trait::async_trait;
 use http::{header, Response, StatusCode};
-use pingora_core::{apps::http_app::ServeHttp, protocols::http::ServerSession, services::listening::Service};
+use pingora_core::{
+    apps::http_app::ServeHttp, protocols::http::ServerSession, services::listening::Service,
+};
 
 use crate::server::ExtraServices;
 
@@ -87,7 +89,10 @@ impl ServeHttp for SampleBackend {
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -98,7 +103,8 @@ fn free_port() -> anyhow::Result<u16> {
 pub fn prepare(opts: &DemoOptions) -> anyhow::Result<(PathBuf, ExtraServices, String)> {
     let dir = &opts.dir;
     let modules_dir = dir.join("modules.d");
-    std::fs::create_dir_all(&modules_dir).with_context(|| format!("creating {}", modules_dir.display()))?;
+    std::fs::create_dir_all(&modules_dir)
+        .with_context(|| format!("creating {}", modules_dir.display()))?;
     std::fs::create_dir_all(dir.join("certs"))?;
 
     let mut services: ExtraServices = Vec::new();
@@ -130,10 +136,13 @@ pub fn prepare(opts: &DemoOptions) -> anyhow::Result<(PathBuf, ExtraServices, St
 
     // The bundled manifests, with the demo's instances appended.
     for m in space_modules::BUNDLED {
-        let spec = space_modules::parse_toml_manifest(m.text, m.file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let spec = space_modules::parse_toml_manifest(m.text, m.file)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut text = m.text.to_string();
         for (id, port) in instances.get(spec.name.as_str()).into_iter().flatten() {
-            text.push_str(&format!("\n[[instances]]\nid = \"{id}\"\naddr = \"127.0.0.1:{port}\"\n"));
+            text.push_str(&format!(
+                "\n[[instances]]\nid = \"{id}\"\naddr = \"127.0.0.1:{port}\"\n"
+            ));
         }
         write_file(&modules_dir.join(m.file), &text)?;
     }
@@ -164,7 +173,13 @@ manifests_dir = "modules.d"
     let path = dir.join("space.toml");
     write_file(&path, &config)?;
 
-    let host = |a: SocketAddr| if a.ip().is_unspecified() { format!("localhost:{}", a.port()) } else { a.to_string() };
+    let host = |a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            format!("localhost:{}", a.port())
+        } else {
+            a.to_string()
+        }
+    };
     let banner = format!(
         "\nSPACE demo is running. Files: {dir}\n\
          \n  EHR core (2 instances):   http://{http}/\

@@ -188,7 +188,11 @@ mod tests {
     #[test]
     fn trusted_peer_chain_is_appended() {
         let id = HeaderValue::from_static("abc");
-        let mut r = req(&[("host", "h"), ("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")]);
+        let mut r = req(&[
+            ("host", "h"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
         prepare_upstream_request(
             &mut r,
             &Forwarding {
@@ -205,10 +209,19 @@ mod tests {
     #[test]
     fn websocket_upgrade_survives() {
         let id = HeaderValue::from_static("abc");
-        let mut r = req(&[("host", "h"), ("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let mut r = req(&[
+            ("host", "h"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         prepare_upstream_request(
             &mut r,
-            &Forwarding { client_ip: None, trusted: false, proto: "http", request_id: &id },
+            &Forwarding {
+                client_ip: None,
+                trusted: false,
+                proto: "http",
+                request_id: &id,
+            },
         );
         assert_eq!(get(&r, "upgrade"), Some("websocket"));
         assert_eq!(get(&r, "connection"), Some("upgrade"));

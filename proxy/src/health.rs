@@ -44,10 +44,16 @@ impl BackgroundService for HealthChecker {
                         tokio::spawn(async move {
                             let result = check(&instance, &spec).await;
                             let passed = result.is_ok();
-                            if let Some(change) = instance.state.record_check(passed, spec.rise, spec.fall) {
+                            if let Some(change) =
+                                instance.state.record_check(passed, spec.rise, spec.fall)
+                            {
                                 match (change, result) {
-                                    (Health::Up, _) => tracing::info!(module = %module_name, instance = %instance.spec.id, addr = %instance.spec.addr, "instance is up"),
-                                    (_, Err(why)) => tracing::warn!(module = %module_name, instance = %instance.spec.id, addr = %instance.spec.addr, reason = %why, "instance is down"),
+                                    (Health::Up, _) => {
+                                        tracing::info!(module = %module_name, instance = %instance.spec.id, addr = %instance.spec.addr, "instance is up")
+                                    }
+                                    (_, Err(why)) => {
+                                        tracing::warn!(module = %module_name, instance = %instance.spec.id, addr = %instance.spec.addr, reason = %why, "instance is down")
+                                    }
                                     _ => {}
                                 }
                             }

@@ -12,24 +12,68 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders every metric.
-pub fn render(state: &ProxyState, table: &RouteTable, reload: &ReloadStats, certs: Option<&space_certs::CertStats>) -> String {
+pub fn render(
+    state: &ProxyState,
+    table: &RouteTable,
+    reload: &ReloadStats,
+    certs: Option<&space_certs::CertStats>,
+) -> String {
     let mut out = String::with_capacity(8192);
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
 
-    family(&mut out, "space_route_table_info", "gauge", "Revision of the route table in use (file hash or etcd revision).");
-    let _ = writeln!(out, "space_route_table_info{{revision=\"{}\"}} 1", esc(table.revision()));
-    family(&mut out, "space_route_table_modules", "gauge", "Modules in the route table.");
+    family(
+        &mut out,
+        "space_route_table_info",
+        "gauge",
+        "Revision of the route table in use (file hash or etcd revision).",
+    );
+    let _ = writeln!(
+        out,
+        "space_route_table_info{{revision=\"{}\"}} 1",
+        esc(table.revision())
+    );
+    family(
+        &mut out,
+        "space_route_table_modules",
+        "gauge",
+        "Modules in the route table.",
+    );
     let _ = writeln!(out, "space_route_table_modules {}", table.modules().len());
-    family(&mut out, "space_config_reloads_total", "counter", "Configuration reloads by result.");
-    let _ = writeln!(out, "space_config_reloads_total{{result=\"applied\"}} {}", load(&reload.applied));
-    let _ = writeln!(out, "space_config_reloads_total{{result=\"refused\"}} {}", load(&reload.refused));
-    family(&mut out, "space_requests_in_flight", "gauge", "Requests being handled.");
+    family(
+        &mut out,
+        "space_config_reloads_total",
+        "counter",
+        "Configuration reloads by result.",
+    );
+    let _ = writeln!(
+        out,
+        "space_config_reloads_total{{result=\"applied\"}} {}",
+        load(&reload.applied)
+    );
+    let _ = writeln!(
+        out,
+        "space_config_reloads_total{{result=\"refused\"}} {}",
+        load(&reload.refused)
+    );
+    family(
+        &mut out,
+        "space_requests_in_flight",
+        "gauge",
+        "Requests being handled.",
+    );
     let _ = writeln!(out, "space_requests_in_flight {}", load(&state.in_flight));
-    family(&mut out, "space_refused_requests_total", "counter", "Requests SPACE answered itself, by reason.");
+    family(
+        &mut out,
+        "space_refused_requests_total",
+        "counter",
+        "Requests SPACE answered itself, by reason.",
+    );
     let g = &state.global;
     for (reason, v) in [
         ("bad_path", &g.bad_path),
@@ -37,7 +81,11 @@ pub fn render(state: &ProxyState, table: &RouteTable, reload: &ReloadStats, cert
         ("header_too_large", &g.header_too_large),
         ("redirect_to_https", &g.redirects),
     ] {
-        let _ = writeln!(out, "space_refused_requests_total{{module=\"\",reason=\"{reason}\"}} {}", load(v));
+        let _ = writeln!(
+            out,
+            "space_refused_requests_total{{module=\"\",reason=\"{reason}\"}} {}",
+            load(v)
+        );
     }
     for m in table.modules() {
         let name = esc(m.spec.name.as_str());
@@ -47,62 +95,163 @@ pub fn render(state: &ProxyState, table: &RouteTable, reload: &ReloadStats, cert
             ("body_too_large", &s.body_too_large),
             ("no_instance", &s.no_instance),
         ] {
-            let _ = writeln!(out, "space_refused_requests_total{{module=\"{name}\",reason=\"{reason}\"}} {}", load(v));
+            let _ = writeln!(
+                out,
+                "space_refused_requests_total{{module=\"{name}\",reason=\"{reason}\"}} {}",
+                load(v)
+            );
         }
     }
 
-    family(&mut out, "space_responses_total", "counter", "Responses by module and status class.");
+    family(
+        &mut out,
+        "space_responses_total",
+        "counter",
+        "Responses by module and status class.",
+    );
     for m in table.modules() {
         let name = esc(m.spec.name.as_str());
-        for (i, class) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            let _ = writeln!(out, "space_responses_total{{module=\"{name}\",class=\"{class}\"}} {}", load(&m.stats.responses[i]));
+        for (i, class) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "space_responses_total{{module=\"{name}\",class=\"{class}\"}} {}",
+                load(&m.stats.responses[i])
+            );
         }
     }
-    family(&mut out, "space_upstream_retries_total", "counter", "Requests retried on another instance after a connect failure.");
+    family(
+        &mut out,
+        "space_upstream_retries_total",
+        "counter",
+        "Requests retried on another instance after a connect failure.",
+    );
     for m in table.modules() {
-        let _ = writeln!(out, "space_upstream_retries_total{{module=\"{}\"}} {}", esc(m.spec.name.as_str()), load(&m.stats.retries));
+        let _ = writeln!(
+            out,
+            "space_upstream_retries_total{{module=\"{}\"}} {}",
+            esc(m.spec.name.as_str()),
+            load(&m.stats.retries)
+        );
     }
-    family(&mut out, "space_passive_ejections_total", "counter", "Instances taken down by failed requests.");
+    family(
+        &mut out,
+        "space_passive_ejections_total",
+        "counter",
+        "Instances taken down by failed requests.",
+    );
     for m in table.modules() {
-        let _ = writeln!(out, "space_passive_ejections_total{{module=\"{}\"}} {}", esc(m.spec.name.as_str()), load(&m.stats.passive_ejections));
+        let _ = writeln!(
+            out,
+            "space_passive_ejections_total{{module=\"{}\"}} {}",
+            esc(m.spec.name.as_str()),
+            load(&m.stats.passive_ejections)
+        );
     }
-    family(&mut out, "space_request_duration_seconds", "histogram", "Time from request head to end of response, by module.");
+    family(
+        &mut out,
+        "space_request_duration_seconds",
+        "histogram",
+        "Time from request head to end of response, by module.",
+    );
     for m in table.modules() {
         let name = esc(m.spec.name.as_str());
         let mut cumulative = 0;
         for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
             cumulative += load(&m.stats.latency_buckets[i]);
-            let _ = writeln!(out, "space_request_duration_seconds_bucket{{module=\"{name}\",le=\"{}\"}} {cumulative}", *le as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "space_request_duration_seconds_bucket{{module=\"{name}\",le=\"{}\"}} {cumulative}",
+                *le as f64 / 1000.0
+            );
         }
         cumulative += load(&m.stats.latency_buckets[LATENCY_BUCKETS_MS.len()]);
-        let _ = writeln!(out, "space_request_duration_seconds_bucket{{module=\"{name}\",le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "space_request_duration_seconds_sum{{module=\"{name}\"}} {}", load(&m.stats.latency_sum_us) as f64 / 1e6);
-        let _ = writeln!(out, "space_request_duration_seconds_count{{module=\"{name}\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "space_request_duration_seconds_bucket{{module=\"{name}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "space_request_duration_seconds_sum{{module=\"{name}\"}} {}",
+            load(&m.stats.latency_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "space_request_duration_seconds_count{{module=\"{name}\"}} {cumulative}"
+        );
     }
 
-    family(&mut out, "space_instance_up", "gauge", "1 when the instance takes traffic (health up), 0 when pending or down.");
+    family(
+        &mut out,
+        "space_instance_up",
+        "gauge",
+        "1 when the instance takes traffic (health up), 0 when pending or down.",
+    );
     for m in table.modules() {
         for i in &m.instances {
             let up = u8::from(i.state.health() == Health::Up);
-            let _ = writeln!(out, "space_instance_up{{module=\"{}\",instance=\"{}\",draining=\"{}\"}} {up}", esc(m.spec.name.as_str()), esc(i.spec.id.as_str()), i.spec.draining);
+            let _ = writeln!(
+                out,
+                "space_instance_up{{module=\"{}\",instance=\"{}\",draining=\"{}\"}} {up}",
+                esc(m.spec.name.as_str()),
+                esc(i.spec.id.as_str()),
+                i.spec.draining
+            );
         }
     }
-    family(&mut out, "space_instance_requests_in_flight", "gauge", "Requests in flight per instance.");
+    family(
+        &mut out,
+        "space_instance_requests_in_flight",
+        "gauge",
+        "Requests in flight per instance.",
+    );
     for m in table.modules() {
         for i in &m.instances {
-            let _ = writeln!(out, "space_instance_requests_in_flight{{module=\"{}\",instance=\"{}\"}} {}", esc(m.spec.name.as_str()), esc(i.spec.id.as_str()), i.state.in_flight());
+            let _ = writeln!(
+                out,
+                "space_instance_requests_in_flight{{module=\"{}\",instance=\"{}\"}} {}",
+                esc(m.spec.name.as_str()),
+                esc(i.spec.id.as_str()),
+                i.state.in_flight()
+            );
         }
     }
-    family(&mut out, "space_instance_requests_total", "counter", "Requests sent per instance.");
+    family(
+        &mut out,
+        "space_instance_requests_total",
+        "counter",
+        "Requests sent per instance.",
+    );
     for m in table.modules() {
         for i in &m.instances {
-            let _ = writeln!(out, "space_instance_requests_total{{module=\"{}\",instance=\"{}\"}} {}", esc(m.spec.name.as_str()), esc(i.spec.id.as_str()), i.state.requests());
+            let _ = writeln!(
+                out,
+                "space_instance_requests_total{{module=\"{}\",instance=\"{}\"}} {}",
+                esc(m.spec.name.as_str()),
+                esc(i.spec.id.as_str()),
+                i.state.requests()
+            );
         }
     }
     if let Some(c) = certs {
-        family(&mut out, "space_certificate_reloads_total", "counter", "Certificate directory reloads by result.");
-        let _ = writeln!(out, "space_certificate_reloads_total{{result=\"applied\"}} {}", c.reloads_ok);
-        let _ = writeln!(out, "space_certificate_reloads_total{{result=\"refused\"}} {}", c.pairs_refused);
+        family(
+            &mut out,
+            "space_certificate_reloads_total",
+            "counter",
+            "Certificate directory reloads by result.",
+        );
+        let _ = writeln!(
+            out,
+            "space_certificate_reloads_total{{result=\"applied\"}} {}",
+            c.reloads_ok
+        );
+        let _ = writeln!(
+            out,
+            "space_certificate_reloads_total{{result=\"refused\"}} {}",
+            c.pairs_refused
+        );
     }
     out
 }

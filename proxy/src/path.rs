@@ -66,7 +66,10 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
         let b = bytes[i];
         match b {
             b'%' => {
-                let (h, l) = match (bytes.get(i + 1).and_then(|&c| hex(c)), bytes.get(i + 2).and_then(|&c| hex(c))) {
+                let (h, l) = match (
+                    bytes.get(i + 1).and_then(|&c| hex(c)),
+                    bytes.get(i + 2).and_then(|&c| hex(c)),
+                ) {
                     (Some(h), Some(l)) => (h, l),
                     _ => return Err(PathError::BadEscape),
                 };
@@ -96,9 +99,8 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
     // 2. collapse slashes and resolve dot segments.
     let mut out: Vec<u8> = Vec::with_capacity(decoded.len());
-    let ends_with_slash = decoded.ends_with(b"/")
-        || decoded.ends_with(b"/.")
-        || decoded.ends_with(b"/..");
+    let ends_with_slash =
+        decoded.ends_with(b"/") || decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
     for segment in decoded.split(|&c| c == b'/') {
         match segment {
             b"" | b"." => {}
@@ -119,7 +121,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
         out.push(b'/');
     }
     // Only ASCII bytes were added or removed around valid UTF-8 input, so this holds.
-    Ok(Cow::Owned(String::from_utf8(out).map_err(|_| PathError::BadEscape)?))
+    Ok(Cow::Owned(
+        String::from_utf8(out).map_err(|_| PathError::BadEscape)?,
+    ))
 }
 
 #[cfg(test)]
@@ -132,23 +136,35 @@ mod tests {
 
     #[test]
     fn plain_paths_are_borrowed() {
-        assert!(matches!(normalize_path("/interface/main.php"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            normalize_path("/interface/main.php"),
+            Ok(Cow::Borrowed(_))
+        ));
         assert!(matches!(normalize_path("/"), Ok(Cow::Borrowed(_))));
     }
 
     #[test]
     fn traversal_variants_resolve_or_refuse() {
-        assert_eq!(n("/patient_portal/../sites/default/documents/x").unwrap(), "/sites/default/documents/x");
+        assert_eq!(
+            n("/patient_portal/../sites/default/documents/x").unwrap(),
+            "/sites/default/documents/x"
+        );
         assert_eq!(n("/patient_portal/%2e%2e/sites/x").unwrap(), "/sites/x");
         assert_eq!(n("/patient_portal/%2E%2e/sites/x").unwrap(), "/sites/x");
-        assert_eq!(n("//sites//default///documents/x").unwrap(), "/sites/default/documents/x");
+        assert_eq!(
+            n("//sites//default///documents/x").unwrap(),
+            "/sites/default/documents/x"
+        );
         assert_eq!(n("/patient_portal\\..\\sites\\x").unwrap(), "/sites/x");
         assert_eq!(n("/a/./b/.").unwrap(), "/a/b/");
         assert_eq!(n("/a/b/..").unwrap(), "/a/");
         assert_eq!(n("/a/.hidden").unwrap(), "/a/.hidden");
         assert_eq!(n("/a/..b").unwrap(), "/a/..b");
         assert_eq!(n("/..").unwrap_err(), PathError::EscapesRoot);
-        assert_eq!(n("/a/../../etc/passwd").unwrap_err(), PathError::EscapesRoot);
+        assert_eq!(
+            n("/a/../../etc/passwd").unwrap_err(),
+            PathError::EscapesRoot
+        );
         assert_eq!(n("/%2e%2e/etc").unwrap_err(), PathError::EscapesRoot);
     }
 

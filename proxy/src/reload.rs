@@ -54,13 +54,21 @@ impl Reloader {
                 let instances = table.instance_count();
                 self.routes.publish(table);
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(trigger, revision = %config.revision, modules, instances, "configuration reloaded");
                 Ok(config.revision)
             }
             Err(why) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                *self
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
                 tracing::error!(trigger, revision = %self.routes.load().revision(),
                     "configuration change refused; still serving the previous route table:\n  {why}");
                 Err(why)
@@ -104,7 +112,8 @@ impl Reloader {
             if let Ok(ev) = ev {
                 let touches = ev.paths.iter().any(|p| {
                     relevant.iter().any(|w| p == w || p.starts_with(w))
-                        || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("..data"))
+                        || p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("..data"))
                 });
                 if touches && !matches!(ev.kind, notify::EventKind::Access(_)) {
                     let _ = file_tx.send("file change");

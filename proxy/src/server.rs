@@ -45,16 +45,30 @@ pub fn load_certificates(config: &Config) -> anyhow::Result<Option<space_certs::
     space_certs::install_default_crypto_provider();
     if tls.generate_dev_cert {
         let has_pairs = std::fs::read_dir(&tls.cert_dir)
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "key")))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "key"))
+            })
             .unwrap_or(false);
         if !has_pairs {
-            let (cert, _) = space_certs::ensure_dev_cert(&tls.cert_dir, "space-dev", DEV_CERT_NAMES)
-                .with_context(|| format!("generating a development certificate in {}", tls.cert_dir.display()))?;
+            let (cert, _) =
+                space_certs::ensure_dev_cert(&tls.cert_dir, "space-dev", DEV_CERT_NAMES)
+                    .with_context(|| {
+                        format!(
+                            "generating a development certificate in {}",
+                            tls.cert_dir.display()
+                        )
+                    })?;
             tracing::warn!(cert = %cert.display(), "generated a self-signed development certificate; browsers will warn. Put real certificates in {} for production", tls.cert_dir.display());
         }
     }
     let store = space_certs::CertStore::load_dir(&tls.cert_dir, tls.default_cert.as_deref())
-        .with_context(|| format!("loading certificates from {} ([tls].cert_dir)", tls.cert_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "loading certificates from {} ([tls].cert_dir)",
+                tls.cert_dir.display()
+            )
+        })?;
     Ok(Some(store))
 }
 

@@ -112,7 +112,8 @@ fn request_host(req: &RequestHeader) -> std::borrow::Cow<'_, str> {
 }
 
 fn header_bytes(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    let line =
+        req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
     req.headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -138,7 +139,11 @@ impl SpaceProxy {
             resp.insert_header(k, v)?;
         }
         self.decorate_response(&mut resp, ctx);
-        session.set_keepalive(if status >= 400 && status != 404 { None } else { Some(self.keepalive_secs()) });
+        session.set_keepalive(if status >= 400 && status != 404 {
+            None
+        } else {
+            Some(self.keepalive_secs())
+        });
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
@@ -165,8 +170,16 @@ impl SpaceProxy {
     fn redirect_location(&self, req: &RequestHeader) -> Option<HeaderValue> {
         let https = self.state.listeners.https?;
         let host = request_host(req);
-        let host = if host.contains(':') { format!("[{host}]") } else { host.into_owned() };
-        let port = if https.port() == 443 { String::new() } else { format!(":{}", https.port()) };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.into_owned()
+        };
+        let port = if https.port() == 443 {
+            String::new()
+        } else {
+            format!(":{}", https.port())
+        };
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         HeaderValue::from_str(&format!("https://{host}{port}{pq}")).ok()
     }
@@ -211,9 +224,7 @@ impl ProxyHttp for SpaceProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         ctx.counted = true;
-        ctx.tls = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         if self.state.shutting_down.load(Ordering::Relaxed) {
             session.set_keepalive(None);
         } else {
@@ -230,7 +241,13 @@ impl ProxyHttp for SpaceProxy {
             ModuleStats::bump(&self.state.global.header_too_large);
             ctx.local_reason = "header too large";
             return self
-                .answer(session, ctx, 431, "431 Request Header Fields Too Large\n", None)
+                .answer(
+                    session,
+                    ctx,
+                    431,
+                    "431 Request Header Fields Too Large\n",
+                    None,
+                )
                 .await;
         }
 
@@ -239,7 +256,13 @@ impl ProxyHttp for SpaceProxy {
                 ModuleStats::bump(&self.state.global.redirects);
                 ctx.local_reason = "redirect to https";
                 return self
-                    .answer(session, ctx, 308, "308 Permanent Redirect\n", Some((header::LOCATION, location)))
+                    .answer(
+                        session,
+                        ctx,
+                        308,
+                        "308 Permanent Redirect\n",
+                        Some((header::LOCATION, location)),
+                    )
                     .await;
             }
         }
@@ -250,7 +273,9 @@ impl ProxyHttp for SpaceProxy {
             Err(_) => {
                 ModuleStats::bump(&self.state.global.bad_path);
                 ctx.local_reason = "bad path";
-                return self.answer(session, ctx, 400, "400 Bad Request: invalid path\n", None).await;
+                return self
+                    .answer(session, ctx, 400, "400 Bad Request: invalid path\n", None)
+                    .await;
             }
         };
 
@@ -259,7 +284,9 @@ impl ProxyHttp for SpaceProxy {
         let Some(route) = table.lookup(&host, &normalized) else {
             ModuleStats::bump(&self.state.global.no_route);
             ctx.local_reason = "no route";
-            return self.answer(session, ctx, 404, "404 Not Found\n", None).await;
+            return self
+                .answer(session, ctx, 404, "404 Not Found\n", None)
+                .await;
         };
         let module = route.module;
         let module_index = route.module_index;
@@ -271,7 +298,9 @@ impl ProxyHttp for SpaceProxy {
             ctx.table = Some(table);
             ctx.module = module_index;
             ctx.routed = true;
-            return self.answer(session, ctx, 404, "404 Not Found\n", None).await;
+            return self
+                .answer(session, ctx, 404, "404 Not Found\n", None)
+                .await;
         }
 
         let declared = req
@@ -295,7 +324,11 @@ impl ProxyHttp for SpaceProxy {
         if rewrite {
             let mut new_path = if strip {
                 let rest = &normalized[prefix_len..];
-                if rest.is_empty() { "/".to_string() } else { rest.to_string() }
+                if rest.is_empty() {
+                    "/".to_string()
+                } else {
+                    rest.to_string()
+                }
             } else {
                 normalized.into_owned()
             };
@@ -331,7 +364,10 @@ impl ProxyHttp for SpaceProxy {
                 if ctx.body_bytes > m.spec.max_body_size {
                     ModuleStats::bump(&m.stats.body_too_large);
                     ctx.local_reason = "body too large";
-                    return Err(status_error(413, "request body over the module's max_body_size"));
+                    return Err(status_error(
+                        413,
+                        "request body over the module's max_body_size",
+                    ));
                 }
             }
         }
@@ -340,7 +376,11 @@ impl ProxyHttp for SpaceProxy {
 
     /// Chooses the instance: the module's policy over available, non-draining instances not
     /// yet tried for this request. None available: 503.
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         self.end_attempt(ctx);
         let Some(module) = ctx.module() else {
             return Err(status_error(404, "no route"));
@@ -387,12 +427,16 @@ impl ProxyHttp for SpaceProxy {
         if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
             let inst = &m.instances[i as usize];
             let hc = &m.spec.health_check;
-            if inst.state.record_request_failure(hc.max_fails, hc.fail_timeout) {
+            if inst
+                .state
+                .record_request_failure(hc.max_fails, hc.fail_timeout)
+            {
                 ModuleStats::bump(&m.stats.passive_ejections);
                 tracing::warn!(module = %m.spec.name, instance = %inst.spec.id, addr = %inst.spec.addr,
                     "instance marked down after {} failed connects", hc.max_fails);
             }
-            let retries_left = ctx.attempts <= m.spec.retries as usize && ctx.attempts < MAX_ATTEMPTS;
+            let retries_left =
+                ctx.attempts <= m.spec.retries as usize && ctx.attempts < MAX_ATTEMPTS;
             if retries_left && ctx.attempts < m.instances.len() {
                 ModuleStats::bump(&m.stats.retries);
                 e.set_retry(true);
@@ -415,7 +459,10 @@ impl ProxyHttp for SpaceProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let trusted = client_ip.is_some_and(|ip| self.state.server.is_trusted_proxy(ip));
-        let id = ctx.request_id.clone().unwrap_or_else(headers::new_request_id);
+        let id = ctx
+            .request_id
+            .clone()
+            .unwrap_or_else(headers::new_request_id);
         headers::prepare_upstream_request(
             upstream,
             &Forwarding {
@@ -444,7 +491,12 @@ impl ProxyHttp for SpaceProxy {
 
     /// SPACE's own error answers: short text bodies, never a hang. Upstream timeouts are
     /// 504, other upstream failures 502, declared statuses (413, 503) as given.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
@@ -461,7 +513,7 @@ impl ProxyHttp for SpaceProxy {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
-        if code > 0 && !session.response_written().is_some() {
+        if code > 0 && session.response_written().is_none() {
             let body: &'static str = match code {
                 400 => "400 Bad Request\n",
                 404 => "404 Not Found\n",
@@ -480,7 +532,11 @@ impl ProxyHttp for SpaceProxy {
                 }
                 self.decorate_response(&mut resp, ctx);
                 session.set_keepalive(None);
-                if session.write_response_header(Box::new(resp), false).await.is_ok() {
+                if session
+                    .write_response_header(Box::new(resp), false)
+                    .await
+                    .is_ok()
+                {
                     let _ = session
                         .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
                         .await;
@@ -502,9 +558,7 @@ impl ProxyHttp for SpaceProxy {
     /// PHI-safe: no query string, no cookie or Authorization values.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         self.end_attempt(ctx);
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         if let Some(m) = ctx.module() {
             m.stats.record_response(status, elapsed.as_micros() as u64);
@@ -540,7 +594,13 @@ fn hash_key(session: &Session, on: &space_modules::HashOn) -> Option<space_regis
     }
 }
 
-fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+fn access_log(
+    session: &Session,
+    e: Option<&Error>,
+    ctx: &RequestCtx,
+    status: u16,
+    elapsed: Duration,
+) {
     let req = session.req_header();
     let module = ctx.module();
     let instance = match (module, ctx.tried.get(ctx.attempts.wrapping_sub(1))) {

@@ -59,6 +59,9 @@ fn exit_when_idle(state: &ProxyState, grace: Duration) {
             idle_looks = 0;
         }
     }
-    tracing::warn!(in_flight = state.in_flight.load(Ordering::Relaxed), "grace period over: exiting with requests still in flight");
+    tracing::warn!(
+        in_flight = state.in_flight.load(Ordering::Relaxed),
+        "grace period over: exiting with requests still in flight"
+    );
     std::process::exit(0);
 }
