@@ -44,7 +44,8 @@ mod tests {
 
     #[test]
     fn core_denies_what_htaccess_protects() {
-        let core = parse_toml_manifest(bundled("librehealth-core.toml").unwrap().text, "core").unwrap();
+        let core =
+            parse_toml_manifest(bundled("librehealth-core.toml").unwrap().text, "core").unwrap();
         for p in [
             "/sites/default/documents/1/x.pdf",
             "/sites/default/edi/x",

@@ -110,12 +110,7 @@ mod tests {
 
     #[test]
     fn librehealth_patterns() {
-        let r = rules(&[
-            "/sites/*/documents/**",
-            "/sql/**",
-            "**/*.sql",
-            "**/*.inc",
-        ]);
+        let r = rules(&["/sites/*/documents/**", "/sql/**", "**/*.sql", "**/*.inc"]);
         assert!(r.is_denied("/sites/default/documents/x.pdf"));
         assert!(r.is_denied("/sites/default/documents/a/b/c"));
         assert!(r.is_denied("/sites/default/documents"));
@@ -132,8 +127,8 @@ mod tests {
 
     #[test]
     fn bad_pattern_is_reported_with_index() {
-        let errs = DenyRules::new(&["/ok/**".into(), "/bad/[".into(), "relative".into()])
-            .unwrap_err();
+        let errs =
+            DenyRules::new(&["/ok/**".into(), "/bad/[".into(), "relative".into()]).unwrap_err();
         assert_eq!(errs.len(), 2);
         assert_eq!(errs[0].index, 1);
         assert_eq!(errs[1].index, 2);

@@ -14,7 +14,11 @@ pub struct Issue {
 }
 
 impl Issue {
-    pub fn new(field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Issue {
             field: field.into(),
             problem: problem.into(),

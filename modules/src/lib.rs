@@ -24,4 +24,6 @@ pub use spec::{
     ModuleSpec, PathPrefix, StatusRanges, Timeouts,
 };
 pub use units::{parse_duration, parse_size};
-pub use validate::{parse_json_manifest, parse_toml_manifest, validate_instance, validate_manifest};
+pub use validate::{
+    parse_json_manifest, parse_toml_manifest, validate_instance, validate_manifest,
+};

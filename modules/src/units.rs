@@ -3,8 +3,7 @@ use std::time::Duration;
 
 /// Parses a duration such as `5s`, `250ms`, `10m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e})"))
+    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration ({e})"))
 }
 
 /// Parses a size such as `32MiB`, `350 MB`, `64KiB` or a plain number of bytes.

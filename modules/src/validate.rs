@@ -123,7 +123,12 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
     let defaults = Timeouts::default();
     let t = &raw.timeouts;
     let timeouts = Timeouts {
-        connect: duration_field("timeouts.connect", &t.connect, defaults.connect, &mut issues),
+        connect: duration_field(
+            "timeouts.connect",
+            &t.connect,
+            defaults.connect,
+            &mut issues,
+        ),
         read: duration_field("timeouts.read", &t.read, defaults.read, &mut issues),
         write: duration_field("timeouts.write", &t.write, defaults.write, &mut issues),
         idle: duration_field("timeouts.idle", &t.idle, defaults.idle, &mut issues),
@@ -187,22 +192,34 @@ fn validate_prefixes(raw: &[String], issues: &mut Vec<Issue>) -> Vec<PathPrefix>
     let mut out: Vec<PathPrefix> = Vec::new();
     for (i, p) in raw.iter().enumerate() {
         let field = format!("prefixes[{i}]");
-        let bad = |why: &str| Issue::new(field.clone(), format!("`{p}` {why}"), "write an absolute path such as `/patient_portal` with no `..`, `//`, `%`, `?` or `#`");
+        let bad = |why: &str| {
+            Issue::new(field.clone(), format!("`{p}` {why}"), "write an absolute path such as `/patient_portal` with no `..`, `//`, `%`, `?` or `#`")
+        };
         if !p.starts_with('/') {
             issues.push(bad("does not start with `/`"));
             continue;
         }
         if p.contains("//")
-            || p.bytes().any(|b| b == b'%' || b == b'?' || b == b'#' || b == b'\\' || b <= b' ' || b == 0x7f)
+            || p.bytes().any(|b| {
+                b == b'%' || b == b'?' || b == b'#' || b == b'\\' || b <= b' ' || b == 0x7f
+            })
             || p.split('/').any(|s| s == "." || s == "..")
         {
             issues.push(bad("is not a plain normalized path"));
             continue;
         }
-        let trimmed = if p.len() > 1 { p.trim_end_matches('/') } else { p };
+        let trimmed = if p.len() > 1 {
+            p.trim_end_matches('/')
+        } else {
+            p
+        };
         let prefix = PathPrefix(Arc::from(trimmed));
         if out.contains(&prefix) {
-            issues.push(Issue::new(field, format!("`{p}` is listed twice"), "remove the duplicate"));
+            issues.push(Issue::new(
+                field,
+                format!("`{p}` is listed twice"),
+                "remove the duplicate",
+            ));
             continue;
         }
         out.push(prefix);
@@ -245,7 +262,9 @@ fn validate_hosts(raw: &[String], issues: &mut Vec<Issue>) -> Vec<HostPattern> {
 fn validate_lb(raw: &RawManifest, issues: &mut Vec<Issue>) -> LoadBalancing {
     let hash_on = match raw.hash_on.as_deref() {
         None | Some("client_ip") => HashOn::ClientIp,
-        Some(s) if s.starts_with("header:") && s.len() > 7 => HashOn::Header(s[7..].to_ascii_lowercase()),
+        Some(s) if s.starts_with("header:") && s.len() > 7 => {
+            HashOn::Header(s[7..].to_ascii_lowercase())
+        }
         Some(s) if s.starts_with("cookie:") && s.len() > 7 => HashOn::Cookie(s[7..].to_string()),
         Some(s) => {
             issues.push(Issue::new(
@@ -290,12 +309,20 @@ fn duration_field(
         None => default,
         Some(text) => match units::parse_duration(text) {
             Ok(d) if d.is_zero() => {
-                issues.push(Issue::new(field, "must be longer than 0", "write e.g. `5s`"));
+                issues.push(Issue::new(
+                    field,
+                    "must be longer than 0",
+                    "write e.g. `5s`",
+                ));
                 default
             }
             Ok(d) => d,
             Err(e) => {
-                issues.push(Issue::new(field, e, "write a duration such as `5s`, `250ms` or `10m`"));
+                issues.push(Issue::new(
+                    field,
+                    e,
+                    "write a duration such as `5s`, `250ms` or `10m`",
+                ));
                 default
             }
         },
@@ -344,7 +371,11 @@ fn validate_health(raw: &RawManifest, issues: &mut Vec<Issue>) -> HealthCheckSpe
     };
     let mut count = |field: &str, v: Option<u32>, default: u32| match v {
         Some(0) => {
-            issues.push(Issue::new(field, "must be at least 1", "write a count such as 2"));
+            issues.push(Issue::new(
+                field,
+                "must be at least 1",
+                "write a count such as 2",
+            ));
             default
         }
         Some(n) => n,
@@ -355,8 +386,12 @@ fn validate_health(raw: &RawManifest, issues: &mut Vec<Issue>) -> HealthCheckSpe
     let max_fails = count("health_check.max_fails", h.max_fails, d.max_fails);
     let interval = duration_field("health_check.interval", &h.interval, d.interval, issues);
     let timeout = duration_field("health_check.timeout", &h.timeout, d.timeout, issues);
-    let fail_timeout =
-        duration_field("health_check.fail_timeout", &h.fail_timeout, d.fail_timeout, issues);
+    let fail_timeout = duration_field(
+        "health_check.fail_timeout",
+        &h.fail_timeout,
+        d.fail_timeout,
+        issues,
+    );
     HealthCheckSpec {
         enabled: h.enabled.unwrap_or(true),
         path,
@@ -386,7 +421,10 @@ fn validate_instances(raw: &[RawInstance], issues: &mut Vec<Issue>) -> Vec<Insta
                     out.push(spec);
                 }
             }
-            Err(errs) => issues.extend(errs.into_iter().map(|e| e.under(&format!("instances[{i}]")))),
+            Err(errs) => issues.extend(
+                errs.into_iter()
+                    .map(|e| e.under(&format!("instances[{i}]"))),
+            ),
         }
     }
     out
@@ -419,7 +457,11 @@ pub fn validate_instance(raw: &RawInstance) -> Result<InstanceSpec, Vec<Issue>> 
         ));
     }
     let id = match &raw.id {
-        Some(id) if id.is_empty() || id.len() > 128 || id.bytes().any(|b| b <= b' ' || b == b'/' || b == 0x7f) => {
+        Some(id)
+            if id.is_empty()
+                || id.len() > 128
+                || id.bytes().any(|b| b <= b' ' || b == b'/' || b == 0x7f) =>
+        {
             issues.push(Issue::new(
                 "id",
                 format!("`{id}` is not a usable instance id"),
@@ -494,7 +536,10 @@ weight = 0
             assert!(fields.contains(&f), "missing {f} in {fields:?}");
         }
         let text = err.to_string();
-        assert!(text.contains("modules/labs.toml: instances[0].weight"), "{text}");
+        assert!(
+            text.contains("modules/labs.toml: instances[0].weight"),
+            "{text}"
+        );
         assert!(text.contains("fix:"), "{text}");
     }
 

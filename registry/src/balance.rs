@@ -233,7 +233,9 @@ mod tests {
         let states = InstanceStates::new();
         let inst = instances(&[5, 1, 1], &states);
         let p = Picker::new(&LoadBalancing::RoundRobin, &inst);
-        let picks: Vec<_> = (0..7).map(|_| p.pick(&inst, None, |_| false).unwrap()).collect();
+        let picks: Vec<_> = (0..7)
+            .map(|_| p.pick(&inst, None, |_| false).unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 5);
         // smooth: never three in a row of the heavy one at the start of a cycle like 0,0,0,0,0,1,2
         assert_ne!(&picks[..5], &[0, 0, 0, 0, 0]);
@@ -243,7 +245,9 @@ mod tests {
     fn skips_unavailable_and_draining() {
         let states = InstanceStates::new();
         let mut inst = instances(&[1, 1, 1], &states);
-        inst[0].state.record_request_failure(1, std::time::Duration::from_secs(60));
+        inst[0]
+            .state
+            .record_request_failure(1, std::time::Duration::from_secs(60));
         inst[1].spec.draining = true;
         let p = Picker::new(&LoadBalancing::RoundRobin, &inst);
         for _ in 0..10 {

@@ -217,7 +217,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads == 0 || threads > 256 {
-        push("server.threads", format!("{threads} is outside 1..=256"), "use the number of cores, e.g. 2");
+        push(
+            "server.threads",
+            format!("{threads} is outside 1..=256"),
+            "use the number of cores, e.g. 2",
+        );
     }
     let mut duration = |field: &str, v: &Option<String>, default: Duration| match v {
         None => default,
@@ -226,9 +230,16 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             default
         }),
     };
-    let grace_period = duration("server.grace_period", &s.grace_period, Duration::from_secs(30));
-    let client_idle_timeout =
-        duration("server.client_idle_timeout", &s.client_idle_timeout, Duration::from_secs(60));
+    let grace_period = duration(
+        "server.grace_period",
+        &s.grace_period,
+        Duration::from_secs(30),
+    );
+    let client_idle_timeout = duration(
+        "server.client_idle_timeout",
+        &s.client_idle_timeout,
+        Duration::from_secs(60),
+    );
     let max_header_size = match &s.max_header_size {
         None => 64 * 1024,
         Some(SizeValue::Bytes(n)) => *n as usize,
@@ -300,11 +311,19 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             match std::fs::read_to_string(&p) {
                 Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
                 Ok(_) => {
-                    push("listeners.admin_token_file", format!("{} is empty", p.display()), "write a long random token into it");
+                    push(
+                        "listeners.admin_token_file",
+                        format!("{} is empty", p.display()),
+                        "write a long random token into it",
+                    );
                     None
                 }
                 Err(e) => {
-                    push("listeners.admin_token_file", format!("cannot read {}: {e}", p.display()), "create the file or fix the path");
+                    push(
+                        "listeners.admin_token_file",
+                        format!("cannot read {}: {e}", p.display()),
+                        "create the file or fix the path",
+                    );
                     None
                 }
             }
@@ -351,7 +370,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             let cert_dir = match &t.cert_dir {
                 Some(d) => base.join(d),
                 None => {
-                    push("tls.cert_dir", "missing".into(), "set `cert_dir` to the directory holding NAME.crt and NAME.key pairs");
+                    push(
+                        "tls.cert_dir",
+                        "missing".into(),
+                        "set `cert_dir` to the directory holding NAME.crt and NAME.key pairs",
+                    );
                     PathBuf::new()
                 }
             };
@@ -361,7 +384,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
                     Ok(d) => Some(format!(
                         "max-age={}{}",
                         d.as_secs(),
-                        if t.hsts_include_subdomains { "; includeSubDomains" } else { "" }
+                        if t.hsts_include_subdomains {
+                            "; includeSubDomains"
+                        } else {
+                            ""
+                        }
                     )),
                     Err(e) => {
                         push("tls.hsts_max_age", e, "write a duration such as `365d`");
@@ -596,7 +623,8 @@ addr = "10.0.0.1"
         )
         .unwrap();
         let cfg = dir.path().join("space.toml");
-        let text = "[listeners]\nhttp = \"127.0.0.1:1\"\n[discovery]\nmanifests_dir = \"modules.d\"\n";
+        let text =
+            "[listeners]\nhttp = \"127.0.0.1:1\"\n[discovery]\nmanifests_dir = \"modules.d\"\n";
         let err = parse_config(text, &cfg).unwrap_err().to_string();
         assert!(err.contains("modules.d/bad.toml: max_body_size"), "{err}");
         std::fs::remove_file(dir.path().join("modules.d/bad.toml")).unwrap();

@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Upper bounds (milliseconds) of the request-duration histogram buckets.
-pub const LATENCY_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000];
+pub const LATENCY_BUCKETS_MS: [u64; 12] =
+    [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000];
 
 /// What happened to requests routed to one module.
 #[derive(Debug, Default)]

@@ -130,7 +130,9 @@ impl RouteTable {
                             match table.wildcard_hosts.iter().position(|(w, _)| **w == **s) {
                                 Some(i) => &mut table.wildcard_hosts[i].1,
                                 None => {
-                                    table.wildcard_hosts.push(((**s).into(), PrefixMap::default()));
+                                    table
+                                        .wildcard_hosts
+                                        .push(((**s).into(), PrefixMap::default()));
                                     &mut table.wildcard_hosts.last_mut().unwrap().1
                                 }
                             }
@@ -148,7 +150,7 @@ impl RouteTable {
         }
         table
             .wildcard_hosts
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Ok(table)
     }
 
@@ -290,7 +292,10 @@ mod tests {
             module("name = \"b\"\nprefixes = [\"/x/\"]"),
         ];
         let errs = RouteTable::compile(&modules, &InstanceStates::new(), "r").unwrap_err();
-        assert!(errs[0].contains("`/x`") && errs[0].contains("`a`") && errs[0].contains("`b`"), "{errs:?}");
+        assert!(
+            errs[0].contains("`/x`") && errs[0].contains("`a`") && errs[0].contains("`b`"),
+            "{errs:?}"
+        );
         let ok = vec![
             module("name = \"a\"\nprefixes = [\"/x\"]"),
             module("name = \"b\"\nprefixes = [\"/x\"]\nhosts = [\"b.example\"]"),
