@@ -18,10 +18,10 @@ mod validate;
 pub use bundled::{bundled, BundledManifest, BUNDLED};
 pub use deny::{DenyRules, DenyRulesError};
 pub use error::{Issue, ManifestError};
-pub use raw::{RawHealthCheck, RawInstance, RawManifest, RawTimeouts, SizeValue};
+pub use raw::{RawAffinity, RawHealthCheck, RawInstance, RawManifest, RawTimeouts, SizeValue};
 pub use spec::{
-    HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, LoadBalancing, ModuleName,
-    ModuleSpec, PathPrefix, StatusRanges, Timeouts,
+    AffinitySpec, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, LoadBalancing,
+    ModuleName, ModuleSpec, PathPrefix, SameSite, StatusRanges, Timeouts, DEFAULT_DRAIN_TIMEOUT,
 };
 pub use units::{parse_duration, parse_size};
 pub use validate::{

@@ -48,6 +48,9 @@ pub struct RawManifest {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub health_check: RawHealthCheck,
+    /// Session affinity: SPACE's own routing cookie keeps a session on its instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<RawAffinity>,
     /// Static instances (discovery providers add more).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<RawInstance>,
@@ -107,4 +110,28 @@ pub struct RawInstance {
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+}
+
+/// Session affinity settings of a module.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAffinity {
+    /// On unless `false` once the table is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Routing cookie name (default `space-<module>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// Routing cookie lifetime; absent = a browser-session cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    /// How long a draining instance keeps its pinned sessions (default `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+    /// Over HTTPS, add `Secure` to the backend's session cookies (`session_cookies`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_session_cookies: Option<bool>,
+    /// Over HTTPS, add this `SameSite` value to the backend's session cookies lacking one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_cookie_samesite: Option<String>,
 }

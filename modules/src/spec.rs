@@ -234,8 +234,46 @@ pub struct ModuleSpec {
     pub retries: u32,
     pub timeouts: Timeouts,
     pub health_check: HealthCheckSpec,
+    /// Present when session affinity is on.
+    pub affinity: Option<AffinitySpec>,
     pub instances: Vec<InstanceSpec>,
 }
+
+/// Session affinity of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AffinitySpec {
+    /// Name of SPACE's routing cookie.
+    pub cookie: String,
+    /// `Max-Age` of the routing cookie; `None` = browser-session cookie.
+    pub max_age: Option<Duration>,
+    /// How long a draining instance keeps serving its pinned sessions.
+    pub drain_timeout: Duration,
+    /// Over HTTPS, add `Secure` to the backend's session cookies.
+    pub secure_session_cookies: bool,
+    /// Over HTTPS, add `SameSite=<value>` to the backend's session cookies lacking one.
+    pub session_cookie_samesite: Option<SameSite>,
+}
+
+/// A cookie `SameSite` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+/// Default drain deadline: one hour, long enough for a clinic's session to end naturally.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Default request body limit: 32 MiB, LibreEHR's routine upload size.
 pub const DEFAULT_MAX_BODY: u64 = 32 * 1024 * 1024;

@@ -2,9 +2,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
-    spec::DEFAULT_MAX_BODY, units, DenyRules, HashOn, HealthCheckSpec, HostPattern, InstanceId,
-    InstanceSpec, Issue, LoadBalancing, ManifestError, ModuleName, ModuleSpec, PathPrefix,
-    RawInstance, RawManifest, SizeValue, StatusRanges, Timeouts,
+    spec::{AffinitySpec, SameSite, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY},
+    units, DenyRules, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, Issue,
+    LoadBalancing, ManifestError, ModuleName, ModuleSpec, PathPrefix, RawInstance, RawManifest,
+    SizeValue, StatusRanges, Timeouts,
 };
 
 /// Parses and validates a TOML manifest (a standalone manifest file).
@@ -135,6 +136,7 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
     };
 
     let health_check = validate_health(raw, &mut issues);
+    let affinity = validate_affinity(raw, &mut issues);
     let instances = validate_instances(&raw.instances, &mut issues);
 
     if !issues.is_empty() {
@@ -152,7 +154,68 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
         retries,
         timeouts,
         health_check,
+        affinity,
         instances,
+    })
+}
+
+fn validate_affinity(raw: &RawManifest, issues: &mut Vec<Issue>) -> Option<AffinitySpec> {
+    let a = raw.affinity.as_ref()?;
+    if a.enabled == Some(false) {
+        return None;
+    }
+    let cookie = a
+        .cookie
+        .clone()
+        .unwrap_or_else(|| format!("space-{}", raw.name));
+    if cookie.is_empty() || !cookie.bytes().all(is_cookie_name_byte) {
+        issues.push(Issue::new(
+            "affinity.cookie",
+            format!("`{cookie}` is not a valid cookie name"),
+            "use letters, digits, `-` or `_`, e.g. `space-core`",
+        ));
+    }
+    if raw.session_cookies.contains(&cookie) {
+        issues.push(Issue::new(
+            "affinity.cookie",
+            format!("`{cookie}` is also one of the backend's session_cookies"),
+            "give SPACE's routing cookie its own name",
+        ));
+    }
+    let max_age = a.max_age.as_ref().map(|_| {
+        duration_field(
+            "affinity.max_age",
+            &a.max_age,
+            DEFAULT_DRAIN_TIMEOUT,
+            issues,
+        )
+    });
+    let drain_timeout = duration_field(
+        "affinity.drain_timeout",
+        &a.drain_timeout,
+        DEFAULT_DRAIN_TIMEOUT,
+        issues,
+    );
+    let session_cookie_samesite = match a.session_cookie_samesite.as_deref() {
+        None => None,
+        Some(v) if v.eq_ignore_ascii_case("lax") => Some(SameSite::Lax),
+        Some(v) if v.eq_ignore_ascii_case("strict") => Some(SameSite::Strict),
+        Some(v) if v.eq_ignore_ascii_case("none") => Some(SameSite::None),
+        Some(v) => {
+            issues.push(Issue::new(
+                "affinity.session_cookie_samesite",
+                format!("`{v}` is not a SameSite value"),
+                "use `Lax`, `Strict` or `None`",
+            ));
+            None
+        }
+    };
+    Some(AffinitySpec {
+        cookie,
+        max_age,
+        drain_timeout,
+        secure_session_cookies: a.secure_session_cookies.unwrap_or(false),
+        session_cookie_samesite,
     })
 }
 

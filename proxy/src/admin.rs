@@ -62,6 +62,11 @@ impl AdminApp {
                         "expect_status": s.health_check.expect_status.to_string(),
                         "interval": humantime::format_duration(s.health_check.interval).to_string(),
                     },
+                    "affinity": s.affinity.as_ref().map(|a| json!({
+                        "cookie": a.cookie,
+                        "max_age": a.max_age.map(|d| humantime::format_duration(d).to_string()),
+                        "drain_timeout": humantime::format_duration(a.drain_timeout).to_string(),
+                    })),
                     "instances": m.instances.len(),
                 })
             })
@@ -92,6 +97,7 @@ impl AdminApp {
                         "addr": i.spec.addr.to_string(),
                         "weight": i.spec.weight,
                         "draining": i.spec.draining,
+                        "draining_for_secs": i.state.draining_for().map(|d| d.as_secs()),
                         "health": i.state.health(),
                         "in_flight": i.state.in_flight(),
                         "requests": i.state.requests(),

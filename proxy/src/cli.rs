@@ -140,9 +140,12 @@ fn validate(path: &std::path::Path) -> ExitCode {
         }
     }
     let states = space_registry::InstanceStates::new();
-    if let Err(errs) =
-        space_registry::RouteTable::compile(&config.modules, &states, &config.revision)
-    {
+    if let Err(errs) = space_registry::RouteTable::compile(
+        &config.modules,
+        &states,
+        &config.affinity_keys,
+        &config.revision,
+    ) {
         problems.extend(errs);
     }
     if !problems.is_empty() {

@@ -5,6 +5,7 @@
 //! validated configuration.
 
 pub mod admin;
+mod affinity;
 pub mod cli;
 pub mod cookies;
 pub mod demo;

@@ -150,6 +150,24 @@ pub fn render(
             load(&m.stats.passive_ejections)
         );
     }
+    family(&mut out, "space_affinity_total", "counter", "Session-affinity outcomes by module: kept (followed a routing cookie), new (cookie issued), repinned (instance down, removed or drained: the session moved), invalid (forged, stale or malformed cookie ignored), hash_fallback (pinned by the backend's session cookie).");
+    for m in table.modules().iter().filter(|m| m.affinity.is_some()) {
+        let name = esc(m.spec.name.as_str());
+        let s = &m.stats;
+        for (outcome, v) in [
+            ("kept", &s.affinity_kept),
+            ("new", &s.affinity_new),
+            ("repinned", &s.affinity_repinned),
+            ("invalid", &s.affinity_invalid),
+            ("hash_fallback", &s.affinity_hash_fallback),
+        ] {
+            let _ = writeln!(
+                out,
+                "space_affinity_total{{module=\"{name}\",outcome=\"{outcome}\"}} {}",
+                load(v)
+            );
+        }
+    }
     family(
         &mut out,
         "space_request_duration_seconds",

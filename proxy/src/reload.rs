@@ -42,9 +42,14 @@ impl Reloader {
                 if config.revision == current.revision() {
                     return Ok((config, None));
                 }
-                RouteTable::compile(&config.modules, &self.states, &config.revision)
-                    .map(|t| (config, Some(t)))
-                    .map_err(|errs| errs.join("\n  "))
+                RouteTable::compile(
+                    &config.modules,
+                    &self.states,
+                    &config.affinity_keys,
+                    &config.revision,
+                )
+                .map(|t| (config, Some(t)))
+                .map_err(|errs| errs.join("\n  "))
             });
         match result {
             Ok((config, None)) => Ok(config.revision),

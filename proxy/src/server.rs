@@ -94,8 +94,13 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
     };
 
     let states = InstanceStates::new();
-    let table = RouteTable::compile(&config.modules, &states, &config.revision)
-        .map_err(|errs| anyhow::anyhow!("route table: {}", errs.join("; ")))?;
+    let table = RouteTable::compile(
+        &config.modules,
+        &states,
+        &config.affinity_keys,
+        &config.revision,
+    )
+    .map_err(|errs| anyhow::anyhow!("route table: {}", errs.join("; ")))?;
     tracing::info!(revision = %config.revision, modules = table.modules().len(), instances = table.instance_count(), "route table ready");
     let routes = RouteTableHandle::new(table);
 

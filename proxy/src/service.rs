@@ -25,6 +25,7 @@ use space_registry::{
 };
 
 use crate::{
+    affinity,
     headers::{self, Forwarding},
     path::normalize_path,
 };
@@ -75,6 +76,25 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// Set when SPACE answered by itself (status and reason for the access log).
     local_reason: &'static str,
+    /// What affinity decided for this request.
+    affinity: Affinity,
+    /// Index (in the module's prefixes) of the prefix that matched: the routing cookie's Path.
+    prefix_index: u16,
+}
+
+/// What session affinity decided for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Affinity {
+    /// The module has no affinity.
+    Off,
+    /// A valid routing cookie led to its instance: nothing to set.
+    Kept,
+    /// Valid, but signed by an older key: re-sign it.
+    Resign,
+    /// No usable routing cookie: a new pin is set on the response.
+    New,
+    /// The pinned instance could not serve: moved, and a new cookie is set.
+    Repinned,
 }
 
 impl RequestCtx {
@@ -209,6 +229,8 @@ impl ProxyHttp for SpaceProxy {
             current: None,
             body_bytes: 0,
             local_reason: "",
+            affinity: Affinity::Off,
+            prefix_index: 0,
         }
     }
 
@@ -319,6 +341,14 @@ impl ProxyHttp for SpaceProxy {
                 .await;
         }
 
+        if module.affinity.is_some() {
+            ctx.prefix_index = module
+                .spec
+                .prefixes
+                .iter()
+                .position(|p| p.as_str().len() == prefix_len && p.matches(&normalized))
+                .unwrap_or(0) as u16;
+        }
         let strip = module.spec.strip_prefix && prefix_len > 1;
         let rewrite = strip || matches!(normalized, std::borrow::Cow::Owned(_));
         if rewrite {
@@ -386,15 +416,25 @@ impl ProxyHttp for SpaceProxy {
             return Err(status_error(404, "no route"));
         };
         let tried = &ctx.tried[..ctx.attempts];
-        let key = match &module.spec.load_balancing {
-            space_modules::LoadBalancing::ConsistentHash(on) => hash_key(session, on),
-            _ => None,
-        };
-        let Some(index) = module
-            .picker
-            .pick(&module.instances, key, |i| tried.contains(&(i as u32)))
-        else {
+        let mut chosen = None;
+        let mut decision = ctx.affinity;
+        if module.affinity.is_some() {
+            let keys = ctx.table.as_ref().and_then(|t| t.affinity_keys());
+            (chosen, decision) =
+                affinity::choose(module, keys, session.req_header(), tried, ctx.affinity);
+        }
+        let chosen = chosen.or_else(|| {
+            let key = match &module.spec.load_balancing {
+                space_modules::LoadBalancing::ConsistentHash(on) => hash_key(session, on),
+                _ => None,
+            };
+            module
+                .picker
+                .pick(&module.instances, key, |i| tried.contains(&(i as u32)))
+        });
+        let Some(index) = chosen else {
             ModuleStats::bump(&module.stats.no_instance);
+            ctx.affinity = decision;
             ctx.local_reason = "no instance available";
             return Err(status_error(503, "no healthy instance"));
         };
@@ -412,6 +452,7 @@ impl ProxyHttp for SpaceProxy {
             ctx.attempts += 1;
         }
         ctx.current = Some(index as u32);
+        ctx.affinity = decision;
         Ok(Box::new(peer))
     }
 
@@ -484,6 +525,17 @@ impl ProxyHttp for SpaceProxy {
     ) -> Result<()> {
         if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
             m.instances[i as usize].state.record_request_success();
+            if let Some(a) = &m.affinity {
+                affinity::decorate_response(
+                    m,
+                    a,
+                    resp,
+                    i as usize,
+                    ctx.affinity,
+                    ctx.prefix_index,
+                    ctx.tls,
+                );
+            }
         }
         self.decorate_response(resp, ctx);
         Ok(())

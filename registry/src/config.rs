@@ -15,7 +15,7 @@ use space_modules::{
     parse_duration, parse_size, validate_manifest, Issue, ModuleSpec, RawManifest, SizeValue,
 };
 
-use crate::table::find_conflicts;
+use crate::{table::find_conflicts, AffinityKeys};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     discovery: RawDiscovery,
+    #[serde(default)]
+    affinity: RawAffinityKeys,
     #[serde(default, rename = "module")]
     modules: Vec<RawManifest>,
 }
@@ -66,6 +68,12 @@ struct RawTls {
     hsts_include_subdomains: bool,
     #[serde(default)]
     generate_dev_cert: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAffinityKeys {
+    key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +144,8 @@ pub struct Config {
     pub modules: Vec<ModuleSpec>,
     /// Where each module came from (file path, `module[i]` for inline ones).
     pub module_sources: Vec<String>,
+    /// Keys of the routing cookies (`[affinity].key_file`, or a per-process key).
+    pub affinity_keys: AffinityKeys,
     /// Short hash of every file read, to tell replicas' states apart.
     pub revision: String,
 }
@@ -405,6 +415,27 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    // [affinity]
+    let affinity_keys = match &raw.affinity.key_file {
+        None => AffinityKeys::generated(),
+        Some(f) => match AffinityKeys::load(&base.join(f)) {
+            Ok(k) => {
+                // A rotated key changes every cookie: let the revision show it.
+                hasher.update(k.source.as_bytes());
+                hasher.update(std::fs::read(base.join(f)).unwrap_or_default());
+                k
+            }
+            Err(e) => {
+                push(
+                    "affinity.key_file",
+                    e,
+                    "write one key per line, e.g. `openssl rand -hex 32 > affinity.key`; share the file with every replica",
+                );
+                AffinityKeys::generated()
+            }
+        },
+    };
+
     // modules: inline, then the manifests directory
     let mut modules = Vec::new();
     let mut module_sources = Vec::new();
@@ -485,6 +516,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         manifests_dir,
         modules,
         module_sources,
+        affinity_keys,
         revision,
     })
 }

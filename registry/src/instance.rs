@@ -57,6 +57,8 @@ pub struct InstanceState {
     checking: AtomicBool,
     in_flight: AtomicU32,
     requests: AtomicU64,
+    /// clock_ms when the instance was first seen draining; 0 when not draining.
+    draining_since_ms: AtomicU64,
 }
 
 impl InstanceState {
@@ -73,6 +75,7 @@ impl InstanceState {
             checking: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            draining_since_ms: AtomicU64::new(0),
         }
     }
 
@@ -193,6 +196,23 @@ impl InstanceState {
 
     pub fn check_done(&self) {
         self.checking.store(false, Ordering::Release);
+    }
+
+    /// Records whether the instance is draining; the drain clock starts the first time.
+    pub fn set_draining(&self, draining: bool) {
+        if !draining {
+            self.draining_since_ms.store(0, Ordering::Relaxed);
+        } else if self.draining_since_ms.load(Ordering::Relaxed) == 0 {
+            self.draining_since_ms.store(clock_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// How long the instance has been draining, if it is.
+    pub fn draining_for(&self) -> Option<Duration> {
+        match self.draining_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(clock_ms().saturating_sub(since))),
+        }
     }
 
     fn set_active_checks(&self, on: bool) {

@@ -7,6 +7,7 @@
 //! [`InstanceStates`], outside any table, so a swap never resets them.
 #![forbid(unsafe_code)]
 
+mod affinity;
 mod balance;
 mod config;
 mod instance;
@@ -14,6 +15,9 @@ mod publish;
 mod stats;
 mod table;
 
+pub use affinity::{
+    decode_token, encode_token, AffinityKeys, CookieVerdict, ModuleAffinity, Token,
+};
 pub use balance::{PickKey, Picker};
 pub use config::{
     load_config, parse_config, Config, ConfigError, ConfigIssue, ListenerSettings, ServerSettings,

@@ -22,6 +22,16 @@ pub struct ModuleStats {
     pub retries: AtomicU64,
     /// Instances taken down by failed requests.
     pub passive_ejections: AtomicU64,
+    /// Requests that followed a valid routing cookie to its instance.
+    pub affinity_kept: AtomicU64,
+    /// Routing cookies issued to sessions that had none.
+    pub affinity_new: AtomicU64,
+    /// Sessions moved because their instance was down, removed or past its drain deadline.
+    pub affinity_repinned: AtomicU64,
+    /// Routing cookies that were forged, stale or malformed (ignored).
+    pub affinity_invalid: AtomicU64,
+    /// New pins chosen by hashing the backend's session cookie.
+    pub affinity_hash_fallback: AtomicU64,
     /// Cumulative histogram buckets (plus one for +Inf) and sum, in microseconds.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     pub latency_sum_us: AtomicU64,

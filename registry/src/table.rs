@@ -7,7 +7,10 @@ use std::{collections::HashMap, fmt::Write as _, sync::Arc};
 
 use space_modules::{HostPattern, InstanceSpec, ModuleSpec};
 
-use crate::{balance::fnv1a, InstanceKey, InstanceState, InstanceStates, ModuleStats, Picker};
+use crate::{
+    balance::fnv1a, AffinityKeys, InstanceKey, InstanceState, InstanceStates, ModuleAffinity,
+    ModuleStats, Picker,
+};
 
 /// An instance as the request path sees it: its spec and its live state.
 #[derive(Debug, Clone)]
@@ -36,6 +39,8 @@ pub struct CompiledModule {
     pub instances: Vec<CompiledInstance>,
     pub picker: Picker,
     pub stats: Arc<ModuleStats>,
+    /// Routing-cookie tokens, when the module has affinity on.
+    pub affinity: Option<ModuleAffinity>,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +84,7 @@ pub struct RouteTable {
     wildcard_hosts: Vec<(Box<str>, PrefixMap)>,
     any_host: PrefixMap,
     revision: String,
+    keys: Option<AffinityKeys>,
 }
 
 impl RouteTable {
@@ -95,6 +101,7 @@ impl RouteTable {
     pub fn compile(
         modules: &[ModuleSpec],
         states: &InstanceStates,
+        keys: &AffinityKeys,
         revision: &str,
     ) -> Result<RouteTable, Vec<String>> {
         let refs: Vec<&ModuleSpec> = modules.iter().collect();
@@ -103,6 +110,7 @@ impl RouteTable {
             return Err(conflicts.into_iter().map(|(_, _, why)| why).collect());
         }
         let mut table = RouteTable::empty(revision);
+        table.keys = Some(keys.clone());
         for (index, spec) in modules.iter().enumerate() {
             let active = spec.health_check.enabled;
             let instances: Vec<CompiledInstance> = spec
@@ -114,9 +122,15 @@ impl RouteTable {
                         id: inst.id.clone(),
                         addr: inst.addr,
                     };
-                    CompiledInstance::new(inst.clone(), states.get_or_create(key, active))
+                    let state = states.get_or_create(key, active);
+                    state.set_draining(inst.draining);
+                    CompiledInstance::new(inst.clone(), state)
                 })
                 .collect();
+            let affinity = spec.affinity.as_ref().map(|a| {
+                let ids: Vec<&str> = spec.instances.iter().map(|i| i.id.as_str()).collect();
+                ModuleAffinity::compile(a, spec.name.as_str(), &ids, keys)
+            });
             let picker = Picker::new(&spec.load_balancing, &instances);
             for prefix in &spec.prefixes {
                 let key: Box<str> = prefix.as_str().into();
@@ -146,6 +160,7 @@ impl RouteTable {
                 instances,
                 picker,
                 stats: states.module_stats(&spec.name),
+                affinity,
             });
         }
         table
@@ -191,6 +206,11 @@ impl RouteTable {
     /// Where this table came from: a file hash or an etcd revision.
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// The keys this table's routing cookies were computed with.
+    pub fn affinity_keys(&self) -> Option<&AffinityKeys> {
+        self.keys.as_ref()
     }
 
     pub fn instance_count(&self) -> usize {
@@ -256,7 +276,13 @@ mod tests {
             module("name = \"tenant\"\nprefixes = [\"/\"]\nhosts = [\"clinic.example.org\"]"),
             module("name = \"wild\"\nprefixes = [\"/\"]\nhosts = [\"*.example.org\"]"),
         ];
-        RouteTable::compile(&modules, &InstanceStates::new(), "r1").unwrap()
+        RouteTable::compile(
+            &modules,
+            &InstanceStates::new(),
+            &AffinityKeys::generated(),
+            "r1",
+        )
+        .unwrap()
     }
 
     fn name<'a>(t: &'a RouteTable, host: &str, path: &str) -> &'a str {
@@ -291,7 +317,13 @@ mod tests {
             module("name = \"a\"\nprefixes = [\"/x\"]"),
             module("name = \"b\"\nprefixes = [\"/x/\"]"),
         ];
-        let errs = RouteTable::compile(&modules, &InstanceStates::new(), "r").unwrap_err();
+        let errs = RouteTable::compile(
+            &modules,
+            &InstanceStates::new(),
+            &AffinityKeys::generated(),
+            "r",
+        )
+        .unwrap_err();
         assert!(
             errs[0].contains("`/x`") && errs[0].contains("`a`") && errs[0].contains("`b`"),
             "{errs:?}"
@@ -300,13 +332,22 @@ mod tests {
             module("name = \"a\"\nprefixes = [\"/x\"]"),
             module("name = \"b\"\nprefixes = [\"/x\"]\nhosts = [\"b.example\"]"),
         ];
-        assert!(RouteTable::compile(&ok, &InstanceStates::new(), "r").is_ok());
+        assert!(
+            RouteTable::compile(&ok, &InstanceStates::new(), &AffinityKeys::generated(), "r")
+                .is_ok()
+        );
     }
 
     #[test]
     fn no_route_without_root() {
         let modules = vec![module("name = \"a\"\nprefixes = [\"/x\"]")];
-        let t = RouteTable::compile(&modules, &InstanceStates::new(), "r").unwrap();
+        let t = RouteTable::compile(
+            &modules,
+            &InstanceStates::new(),
+            &AffinityKeys::generated(),
+            "r",
+        )
+        .unwrap();
         assert!(t.lookup("h", "/y").is_none());
         assert!(t.lookup("h", "/").is_none());
     }

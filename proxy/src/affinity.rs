@@ -1,0 +1,206 @@
+//! Session affinity on the request path: follow a valid routing cookie to its instance,
+//! fall back to a consistent hash of the backend's session cookie, and set or move the
+//! routing cookie on the response. Counts every outcome; logs re-pins with a keyed hash of
+//! the session id, never the id.
+use http::{header, HeaderValue};
+use pingora_http::{RequestHeader, ResponseHeader};
+use space_registry::{
+    AffinityKeys, CompiledModule, CookieVerdict, ModuleAffinity, ModuleStats, PickKey,
+};
+
+use crate::{cookies::find_cookie, service::Affinity};
+
+/// Chooses the instance for a module with affinity. Returns `None` when the module's
+/// load-balancing policy should choose (no cookie of any kind), with the decision to record.
+pub(crate) fn choose(
+    module: &CompiledModule,
+    keys: Option<&AffinityKeys>,
+    req: &RequestHeader,
+    tried: &[u32],
+    previous: Affinity,
+) -> (Option<usize>, Affinity) {
+    let Some(aff) = &module.affinity else {
+        return (None, Affinity::Off);
+    };
+    let stats = &module.stats;
+    let mut decision = Affinity::New;
+    match find_cookie(req, &aff.spec.cookie).map(|v| aff.verify(v)) {
+        Some(CookieVerdict::Instance { index, current_key }) => {
+            let inst = &module.instances[index];
+            let within_drain = inst
+                .state
+                .draining_for()
+                .is_none_or(|d| d < aff.spec.drain_timeout);
+            if !tried.contains(&(index as u32)) && within_drain && inst.state.is_available() {
+                if previous == Affinity::Off {
+                    ModuleStats::bump(&stats.affinity_kept);
+                }
+                return (
+                    Some(index),
+                    if current_key {
+                        Affinity::Kept
+                    } else {
+                        Affinity::Resign
+                    },
+                );
+            }
+            decision = Affinity::Repinned;
+            if previous != Affinity::Repinned {
+                ModuleStats::bump(&stats.affinity_repinned);
+                let why = if tried.contains(&(index as u32)) {
+                    "instance failed"
+                } else if !within_drain {
+                    "drain deadline passed"
+                } else {
+                    "instance down"
+                };
+                tracing::warn!(
+                    module = %module.spec.name,
+                    from_instance = %inst.spec.id,
+                    reason = why,
+                    session = %session_fingerprint(module, keys, req),
+                    "session re-pinned to another instance"
+                );
+            }
+        }
+        Some(CookieVerdict::Unknown) | Some(CookieVerdict::Malformed)
+            if previous == Affinity::Off =>
+        {
+            ModuleStats::bump(&stats.affinity_invalid);
+            tracing::info!(
+                module = %module.spec.name,
+                session = %session_fingerprint(module, keys, req),
+                "routing cookie ignored: it names no current instance (forged, stale or from a removed instance)"
+            );
+        }
+        Some(_) => {}
+        None => {}
+    }
+    if previous == Affinity::Repinned {
+        decision = Affinity::Repinned;
+    }
+    // No usable routing cookie: a backend session cookie pins by consistent hash, so that
+    // every replica agrees where the session lives.
+    let session_value = module
+        .spec
+        .session_cookies
+        .iter()
+        .find_map(|name| find_cookie(req, name));
+    if let Some(value) = session_value {
+        let picked =
+            module
+                .picker
+                .pick_hashed(&module.instances, PickKey::hash(value.as_bytes()), |i| {
+                    tried.contains(&(i as u32))
+                });
+        if picked.is_some() {
+            if previous == Affinity::Off {
+                ModuleStats::bump(&stats.affinity_hash_fallback);
+            }
+            return (picked, decision);
+        }
+    }
+    (None, decision)
+}
+
+fn session_fingerprint(
+    module: &CompiledModule,
+    keys: Option<&AffinityKeys>,
+    req: &RequestHeader,
+) -> String {
+    let id = module
+        .spec
+        .session_cookies
+        .iter()
+        .find_map(|name| find_cookie(req, name));
+    match (id, keys) {
+        (Some(id), Some(keys)) => keys.session_fingerprint(id),
+        _ => "-".to_string(),
+    }
+}
+
+/// Sets the routing cookie when the request needs a (new or re-signed) pin, and adds
+/// `Secure`/`SameSite` to the backend's session cookies over HTTPS when configured.
+pub(crate) fn decorate_response(
+    module: &CompiledModule,
+    aff: &ModuleAffinity,
+    resp: &mut ResponseHeader,
+    instance: usize,
+    decision: Affinity,
+    prefix_index: u16,
+    tls: bool,
+) {
+    if decision != Affinity::Kept {
+        if decision == Affinity::New {
+            ModuleStats::bump(&module.stats.affinity_new);
+        }
+        let path = module
+            .spec
+            .prefixes
+            .get(prefix_index as usize)
+            .map_or("/", |p| p.as_str());
+        let mut cookie = format!(
+            "{}={}; Path={path}; HttpOnly; SameSite=Lax",
+            aff.spec.cookie, aff.cookie_values[instance]
+        );
+        if tls {
+            cookie.push_str("; Secure");
+        }
+        if let Some(max_age) = aff.spec.max_age {
+            cookie.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+        }
+        let _ = resp.append_header(header::SET_COOKIE, cookie);
+    }
+    if tls && (aff.spec.secure_session_cookies || aff.spec.session_cookie_samesite.is_some()) {
+        harden_session_cookies(module, aff, resp);
+    }
+}
+
+/// Adds `Secure` and a `SameSite` value to the backend's own session cookies. Never adds
+/// `HttpOnly`: LibreEHR's JavaScript rewrites its cookie.
+fn harden_session_cookies(
+    module: &CompiledModule,
+    aff: &ModuleAffinity,
+    resp: &mut ResponseHeader,
+) {
+    let is_session_cookie = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.split_once('='))
+            .is_some_and(|(name, _)| module.spec.session_cookies.iter().any(|c| c == name.trim()))
+    };
+    if !resp
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .any(is_session_cookie)
+    {
+        return;
+    }
+    let values: Vec<HeaderValue> = resp
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    resp.remove_header(&header::SET_COOKIE);
+    for v in values {
+        if !is_session_cookie(&v) {
+            let _ = resp.append_header(header::SET_COOKIE, v);
+            continue;
+        }
+        let mut text = v.to_str().unwrap_or_default().to_string();
+        let lower = text.to_ascii_lowercase();
+        let has = |attr: &str| lower.split(';').any(|a| a.trim().starts_with(attr));
+        if aff.spec.secure_session_cookies && !has("secure") {
+            text.push_str("; Secure");
+        }
+        if let Some(same_site) = aff.spec.session_cookie_samesite {
+            if !has("samesite") {
+                text.push_str("; SameSite=");
+                text.push_str(same_site.as_str());
+            }
+        }
+        let _ = resp.append_header(header::SET_COOKIE, text);
+    }
+}
