@@ -51,6 +51,12 @@ pub struct RawManifest {
     /// Session affinity: SPACE's own routing cookie keeps a session on its instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<RawAffinity>,
+    /// Instances from DNS A/AAAA records: `NAME:PORT`, e.g. `portal.ehr.svc.cluster.local:80`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// Instances from DNS SRV records, e.g. `_http._tcp.portal.ehr.svc.cluster.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srv: Option<String>,
     /// Static instances (discovery providers add more).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<RawInstance>,

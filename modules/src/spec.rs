@@ -236,6 +236,8 @@ pub struct ModuleSpec {
     pub health_check: HealthCheckSpec,
     /// Present when session affinity is on.
     pub affinity: Option<AffinitySpec>,
+    /// Where DNS discovery finds more instances, if anywhere.
+    pub dns: Option<DnsQuery>,
     pub instances: Vec<InstanceSpec>,
 }
 
@@ -277,3 +279,21 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Default request body limit: 32 MiB, LibreEHR's routine upload size.
 pub const DEFAULT_MAX_BODY: u64 = 32 * 1024 * 1024;
+
+/// A DNS name whose records are a module's instances.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DnsQuery {
+    /// A/AAAA records of `name`; every address is an instance on `port`.
+    Address { name: String, port: u16 },
+    /// SRV records of `name`: targets, ports and weights.
+    Srv { name: String },
+}
+
+impl fmt::Display for DnsQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsQuery::Address { name, port } => write!(f, "{name}:{port}"),
+            DnsQuery::Srv { name } => write!(f, "SRV {name}"),
+        }
+    }
+}

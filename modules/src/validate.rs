@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
-    spec::{AffinitySpec, SameSite, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY},
+    spec::{AffinitySpec, DnsQuery, SameSite, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY},
     units, DenyRules, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, Issue,
     LoadBalancing, ManifestError, ModuleName, ModuleSpec, PathPrefix, RawInstance, RawManifest,
     SizeValue, StatusRanges, Timeouts,
@@ -137,6 +137,7 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
 
     let health_check = validate_health(raw, &mut issues);
     let affinity = validate_affinity(raw, &mut issues);
+    let dns = validate_dns(raw, &mut issues);
     let instances = validate_instances(&raw.instances, &mut issues);
 
     if !issues.is_empty() {
@@ -155,8 +156,69 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
         timeouts,
         health_check,
         affinity,
+        dns,
         instances,
     })
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn validate_dns(raw: &RawManifest, issues: &mut Vec<Issue>) -> Option<DnsQuery> {
+    match (&raw.dns, &raw.srv) {
+        (Some(_), Some(_)) => {
+            issues.push(Issue::new(
+                "srv",
+                "`dns` and `srv` are both set",
+                "use `dns = \"NAME:PORT\"` for A/AAAA records or `srv = \"_http._tcp.NAME\"`, not both",
+            ));
+            None
+        }
+        (Some(d), None) => {
+            let parsed = d
+                .rsplit_once(':')
+                .and_then(|(n, p)| Some((n, p.parse::<u16>().ok().filter(|&p| p != 0)?)))
+                .filter(|(n, _)| is_dns_name(n));
+            match parsed {
+                Some((name, port)) => Some(DnsQuery::Address {
+                    name: name.to_ascii_lowercase(),
+                    port,
+                }),
+                None => {
+                    issues.push(Issue::new(
+                        "dns",
+                        format!("`{d}` is not NAME:PORT"),
+                        "write e.g. `portal.ehr.svc.cluster.local:80`",
+                    ));
+                    None
+                }
+            }
+        }
+        (None, Some(s)) => {
+            if is_dns_name(s) {
+                Some(DnsQuery::Srv {
+                    name: s.to_ascii_lowercase(),
+                })
+            } else {
+                issues.push(Issue::new(
+                    "srv",
+                    format!("`{s}` is not a DNS name"),
+                    "write e.g. `_http._tcp.portal.ehr.svc.cluster.local`",
+                ));
+                None
+            }
+        }
+        (None, None) => None,
+    }
 }
 
 fn validate_affinity(raw: &RawManifest, issues: &mut Vec<Issue>) -> Option<AffinitySpec> {

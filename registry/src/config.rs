@@ -80,6 +80,97 @@ struct RawAffinityKeys {
 #[serde(deny_unknown_fields)]
 struct RawDiscovery {
     manifests_dir: Option<String>,
+    etcd: Option<RawEtcd>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    username: Option<String>,
+    password_file: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    snapshot_file: Option<String>,
+    debounce: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    resolver: Option<String>,
+    min_interval: Option<String>,
+    max_interval: Option<String>,
+}
+
+/// How to reach etcd and where SPACE's keys live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdSettings {
+    /// `http://host:port` or `https://host:port` URLs.
+    pub endpoints: Vec<String>,
+    /// Key prefix, always ending in `/` (default `/space/`).
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// CA to verify etcd's certificate (TLS on when set).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Where the last good state is written, to serve from after a restart while etcd is down.
+    pub snapshot_file: Option<PathBuf>,
+    /// How long to gather watch events into one table change.
+    pub debounce: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl EtcdSettings {
+    /// Settings for `endpoints` with every default (used by the `space module` commands).
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> Self {
+        EtcdSettings {
+            endpoints,
+            prefix: normalize_prefix(prefix),
+            username: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            snapshot_file: None,
+            debounce: Duration::from_millis(5),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Normalizes an etcd key prefix to end in exactly one `/`.
+pub fn normalize_prefix(prefix: &str) -> String {
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
+/// DNS discovery settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsSettings {
+    /// Resolver to ask (`IP:PORT`); `None` = the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    /// Re-resolve no sooner than this, whatever the TTL.
+    pub min_interval: Duration,
+    /// Re-resolve at least this often, whatever the TTL.
+    pub max_interval: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            resolver: None,
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Process-wide settings (changing them needs a restart).
@@ -140,6 +231,10 @@ pub struct Config {
     pub listeners: ListenerSettings,
     pub tls: Option<TlsSettings>,
     pub manifests_dir: Option<PathBuf>,
+    /// etcd discovery, when configured.
+    pub etcd: Option<EtcdSettings>,
+    /// DNS discovery settings (used by modules with `dns` or `srv`).
+    pub dns: DnsSettings,
     /// Modules from the file and the manifests directory, in that order.
     pub modules: Vec<ModuleSpec>,
     /// Where each module came from (file path, `module[i]` for inline ones).
@@ -415,6 +510,153 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    // [discovery.etcd], [discovery.dns]
+    let etcd = raw.discovery.etcd.as_ref().map(|e| {
+        if e.endpoints.is_empty() {
+            push(
+                "discovery.etcd.endpoints",
+                "no endpoint".into(),
+                "list etcd's client URLs, e.g. `endpoints = [\"http://10.0.0.2:2379\"]`",
+            );
+        }
+        for (i, ep) in e.endpoints.iter().enumerate() {
+            let ok = ep
+                .strip_prefix("http://")
+                .or_else(|| ep.strip_prefix("https://"))
+                .is_some_and(|hp| {
+                    hp.rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                });
+            if !ok {
+                push(
+                    &format!("discovery.etcd.endpoints[{i}]"),
+                    format!("`{ep}` is not an http(s)://HOST:PORT URL"),
+                    "write e.g. `http://127.0.0.1:2379`",
+                );
+            }
+        }
+        let password =
+            e.password_file
+                .as_ref()
+                .and_then(|f| match std::fs::read_to_string(base.join(f)) {
+                    Ok(p) => Some(p.trim().to_string()),
+                    Err(err) => {
+                        push(
+                            "discovery.etcd.password_file",
+                            format!("cannot read {f}: {err}"),
+                            "create the file or fix the path",
+                        );
+                        None
+                    }
+                });
+        if e.username.is_some() != e.password_file.is_some() {
+            push(
+                "discovery.etcd.username",
+                "username and password_file go together".into(),
+                "set both or neither",
+            );
+        }
+        let file = |field: &str, v: &Option<String>, push: &mut dyn FnMut(&str, String, &str)| {
+            v.as_ref().map(|f| {
+                let p = base.join(f);
+                if !p.is_file() {
+                    push(
+                        field,
+                        format!("{} does not exist", p.display()),
+                        "point it at a PEM file",
+                    );
+                }
+                p
+            })
+        };
+        let ca_file = file("discovery.etcd.ca_file", &e.ca_file, &mut push);
+        let cert_file = file("discovery.etcd.cert_file", &e.cert_file, &mut push);
+        let key_file = file("discovery.etcd.key_file", &e.key_file, &mut push);
+        if cert_file.is_some() != key_file.is_some() {
+            push(
+                "discovery.etcd.cert_file",
+                "cert_file and key_file go together".into(),
+                "set both for mutual TLS, or neither",
+            );
+        }
+        let mut dur = |field: &str, v: &Option<String>, d: Duration| match v {
+            None => d,
+            Some(t) => parse_duration(t).unwrap_or_else(|err| {
+                push(field, err, "write a duration such as `5ms`");
+                d
+            }),
+        };
+        let debounce = dur(
+            "discovery.etcd.debounce",
+            &e.debounce,
+            Duration::from_millis(5),
+        );
+        let connect_timeout = dur(
+            "discovery.etcd.connect_timeout",
+            &e.connect_timeout,
+            Duration::from_secs(3),
+        );
+        EtcdSettings {
+            endpoints: e.endpoints.clone(),
+            prefix: normalize_prefix(e.prefix.as_deref().unwrap_or("/space/")),
+            username: e.username.clone(),
+            password,
+            ca_file,
+            cert_file,
+            key_file,
+            snapshot_file: e.snapshot_file.as_ref().map(|f| base.join(f)),
+            debounce,
+            connect_timeout,
+        }
+    });
+    let dns = match &raw.discovery.dns {
+        None => DnsSettings::default(),
+        Some(d) => {
+            let defaults = DnsSettings::default();
+            let resolver = d.resolver.as_ref().and_then(|r| {
+                r.parse::<SocketAddr>()
+                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        push(
+                            "discovery.dns.resolver",
+                            format!("`{r}` is not an IP or IP:PORT"),
+                            "write e.g. `10.96.0.10` or `127.0.0.1:5353`",
+                        )
+                    })
+                    .ok()
+            });
+            let mut dur = |field: &str, v: &Option<String>, d: Duration| match v {
+                None => d,
+                Some(t) => parse_duration(t).unwrap_or_else(|err| {
+                    push(field, err, "write a duration such as `1s`");
+                    d
+                }),
+            };
+            let min_interval = dur(
+                "discovery.dns.min_interval",
+                &d.min_interval,
+                defaults.min_interval,
+            );
+            let max_interval = dur(
+                "discovery.dns.max_interval",
+                &d.max_interval,
+                defaults.max_interval,
+            );
+            if min_interval > max_interval {
+                push(
+                    "discovery.dns.min_interval",
+                    "is longer than max_interval".into(),
+                    "make min_interval <= max_interval",
+                );
+            }
+            DnsSettings {
+                resolver,
+                min_interval,
+                max_interval,
+            }
+        }
+    };
+
     // [affinity]
     let affinity_keys = match &raw.affinity.key_file {
         None => AffinityKeys::generated(),
@@ -514,6 +756,8 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         listeners,
         tls,
         manifests_dir,
+        etcd,
+        dns,
         modules,
         module_sources,
         affinity_keys,

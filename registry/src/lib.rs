@@ -10,6 +10,7 @@
 mod affinity;
 mod balance;
 mod config;
+pub mod etcd_keys;
 mod instance;
 mod publish;
 mod stats;
@@ -20,8 +21,8 @@ pub use affinity::{
 };
 pub use balance::{PickKey, Picker};
 pub use config::{
-    load_config, parse_config, Config, ConfigError, ConfigIssue, ListenerSettings, ServerSettings,
-    TlsSettings,
+    load_config, normalize_prefix, parse_config, Config, ConfigError, ConfigIssue, DnsSettings,
+    EtcdSettings, ListenerSettings, ServerSettings, TlsSettings,
 };
 pub use instance::{Health, InstanceKey, InstanceState, InstanceStates};
 pub use publish::RouteTableHandle;
