@@ -20,7 +20,7 @@ pub use deny::{DenyRules, DenyRulesError};
 pub use error::{Issue, ManifestError};
 pub use raw::{RawAffinity, RawHealthCheck, RawInstance, RawManifest, RawTimeouts, SizeValue};
 pub use spec::{
-    AffinitySpec, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, LoadBalancing,
+    AffinitySpec, DnsQuery, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, LoadBalancing,
     ModuleName, ModuleSpec, PathPrefix, SameSite, StatusRanges, Timeouts, DEFAULT_DRAIN_TIMEOUT,
 };
 pub use units::{parse_duration, parse_size};

@@ -81,6 +81,28 @@ impl AdminApp {
             "revision": table.revision(),
             "modules": modules,
             "last_reload_error": last_error,
+            "refused": *self.state.desired.refusals(),
+        })
+    }
+
+    fn discovery_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let etcd = self.state.etcd.as_ref().map(|e| {
+            json!({
+                "connected": e.connected.load(Relaxed),
+                "revision": e.revision.load(Relaxed),
+                "serving_snapshot": e.serving_snapshot.load(Relaxed),
+                "full_syncs": e.full_syncs.load(Relaxed),
+                "reconnects": e.reconnects.load(Relaxed),
+                "compactions": e.compactions.load(Relaxed),
+                "events": e.events.load(Relaxed),
+                "last_error": e.last_error.lock().unwrap_or_else(|x| x.into_inner()).clone(),
+            })
+        });
+        json!({
+            "revision": self.state.routes.load().revision(),
+            "etcd": etcd,
+            "refused": *self.state.desired.refusals(),
         })
     }
 
@@ -146,10 +168,11 @@ impl ServeHttp for AdminApp {
             }
             "/api/routes" => json_reply(self.routes_json()),
             "/api/instances" => json_reply(self.instances_json()),
+            "/api/discovery" => json_reply(self.discovery_json()),
             "/api/certificates" => json_reply(json!({
                 "certificates": self.certs.as_ref().map(|c| c.summary()).unwrap_or_default()
             })),
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", b"404: try /healthz /readyz /metrics /api/routes /api/instances /api/certificates\n".to_vec()),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", b"404: try /healthz /readyz /metrics /api/routes /api/instances /api/discovery /api/certificates\n".to_vec()),
         }
     }
 }

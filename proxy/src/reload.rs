@@ -12,7 +12,7 @@ use std::{
 };
 
 use notify::{RecursiveMode, Watcher};
-use space_registry::{load_config, Config, InstanceStates, RouteTable, RouteTableHandle};
+use space_registry::{load_config, Config, Desired};
 
 /// Counts and the last refusal, for metrics and the admin API.
 #[derive(Debug, Default)]
@@ -22,11 +22,10 @@ pub struct ReloadStats {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// Re-reads the configuration and publishes new route tables.
+/// Re-reads the configuration and hands it to the desired state, which publishes.
 pub struct Reloader {
     pub config_path: PathBuf,
-    pub routes: Arc<RouteTableHandle>,
-    pub states: Arc<InstanceStates>,
+    pub desired: Arc<Desired>,
     pub stats: Arc<ReloadStats>,
     /// The settings SPACE started with: changes to them need a restart, which is logged.
     pub started_with: Config,
@@ -38,43 +37,29 @@ impl Reloader {
         let result = load_config(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|config| {
-                let current = self.routes.load();
-                if config.revision == current.revision() {
-                    return Ok((config, None));
+                let unchanged = self
+                    .desired
+                    .file()
+                    .is_some_and(|current| current.revision == config.revision);
+                if unchanged {
+                    return Ok(None);
                 }
-                RouteTable::compile(
-                    &config.modules,
-                    &self.states,
-                    &config.affinity_keys,
-                    &config.revision,
-                )
-                .map(|t| (config, Some(t)))
-                .map_err(|errs| errs.join("\n  "))
+                self.warn_restart_only_changes(&config);
+                self.desired.set_file(config).map(Some)
             });
         match result {
-            Ok((config, None)) => Ok(config.revision),
-            Ok((config, Some(table))) => {
-                self.warn_restart_only_changes(&config);
-                let modules = table.modules().len();
-                let instances = table.instance_count();
-                self.routes.publish(table);
+            Ok(None) => Ok(self.desired.routes().load().revision().to_string()),
+            Ok(Some(revision)) => {
+                let table = self.desired.routes().load();
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
-                tracing::info!(trigger, revision = %config.revision, modules, instances, "configuration reloaded");
-                Ok(config.revision)
+                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::info!(trigger, revision = %revision, modules = table.modules().len(), instances = table.instance_count(), "configuration reloaded");
+                Ok(revision)
             }
             Err(why) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-                tracing::error!(trigger, revision = %self.routes.load().revision(),
+                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                tracing::error!(trigger, revision = %self.desired.routes().load().revision(),
                     "configuration change refused; still serving the previous route table:\n  {why}");
                 Err(why)
             }

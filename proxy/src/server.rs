@@ -15,7 +15,7 @@ use pingora_core::{
     server::{configuration::ServerConf, RunArgs, Server},
     services::{background::background_service, listening::Service, ServiceWithDependents},
 };
-use space_registry::{Config, InstanceStates, RouteTable, RouteTableHandle};
+use space_registry::{Config, Desired, EtcdProvider, InstanceStates, RouteTable, RouteTableHandle};
 
 use crate::{
     admin::AdminApp,
@@ -94,15 +94,21 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
     };
 
     let states = InstanceStates::new();
-    let table = RouteTable::compile(
-        &config.modules,
-        &states,
-        &config.affinity_keys,
-        &config.revision,
-    )
-    .map_err(|errs| anyhow::anyhow!("route table: {}", errs.join("; ")))?;
-    tracing::info!(revision = %config.revision, modules = table.modules().len(), instances = table.instance_count(), "route table ready");
-    let routes = RouteTableHandle::new(table);
+    let routes = RouteTableHandle::new(RouteTable::empty("starting"));
+    let etcd_prefix = config.etcd.as_ref().map_or("/space/", |e| e.prefix.as_str());
+    let desired = Desired::new(states.clone(), routes.clone(), etcd_prefix);
+    let revision = desired
+        .set_file(config.clone())
+        .map_err(|e| anyhow::anyhow!("route table: {e}"))?;
+    let etcd = config.etcd.clone().map(|settings| {
+        let provider = EtcdProvider::new(settings, desired.clone());
+        provider.load_snapshot();
+        provider
+    });
+    {
+        let table = routes.load();
+        tracing::info!(revision = %revision, modules = table.modules().len(), instances = table.instance_count(), "route table ready");
+    }
 
     let hsts = config
         .tls
@@ -112,6 +118,8 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
         .transpose()
         .context("[tls].hsts_max_age")?;
     let state = Arc::new(ProxyState {
+        desired: desired.clone(),
+        etcd: etcd.as_ref().map(|p| p.stats.clone()),
         routes: routes.clone(),
         states: states.clone(),
         server: config.server.clone(),
@@ -172,6 +180,14 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
         server.add_service(admin);
     }
 
+    if let Some(provider) = &etcd {
+        server.add_service(background_service(
+            "space etcd discovery",
+            EtcdService {
+                provider: provider.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "space health checks",
         HealthChecker {
@@ -184,8 +200,7 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
 
     let reloader = Arc::new(Reloader {
         config_path: config.path.clone(),
-        routes,
-        states,
+        desired: desired.clone(),
         stats: reload_stats,
         started_with: config.clone(),
     });
@@ -207,4 +222,16 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
         shutdown_signal: Box::new(SpaceSignals { state, grace }),
     });
     std::process::exit(0);
+}
+
+/// Runs the etcd provider on a Pingora background runtime until shutdown.
+struct EtcdService {
+    provider: Arc<EtcdProvider>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for EtcdService {
+    async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
+        self.provider.clone().run(shutdown).await;
+    }
 }

@@ -44,6 +44,10 @@ pub struct GlobalStats {
 
 /// What the request path shares across requests.
 pub struct ProxyState {
+    /// The sources of the route table (file, etcd, DNS) and what they refused.
+    pub desired: Arc<space_registry::Desired>,
+    /// etcd provider counters, when etcd is configured.
+    pub etcd: Option<Arc<space_registry::EtcdStats>>,
     pub routes: Arc<RouteTableHandle>,
     pub states: Arc<InstanceStates>,
     pub server: ServerSettings,

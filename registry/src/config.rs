@@ -735,7 +735,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     }
     let refs: Vec<&ModuleSpec> = modules.iter().collect();
-    for (_, i, why) in find_conflicts(&refs) {
+    for (i, why) in find_conflicts(&refs) {
         issues.push(ConfigIssue {
             file: module_sources[i].clone(),
             issue: Issue::new(

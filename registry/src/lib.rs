@@ -10,6 +10,8 @@
 mod affinity;
 mod balance;
 mod config;
+mod desired;
+mod etcd;
 pub mod etcd_keys;
 mod instance;
 mod publish;
@@ -24,7 +26,9 @@ pub use config::{
     load_config, normalize_prefix, parse_config, Config, ConfigError, ConfigIssue, DnsSettings,
     EtcdSettings, ListenerSettings, ServerSettings, TlsSettings,
 };
+pub use etcd::{EtcdProvider, EtcdStats};
+pub use desired::{merge, Desired, DnsTargetsHook, EtcdEntry, EtcdView, Refusal};
 pub use instance::{Health, InstanceKey, InstanceState, InstanceStates};
 pub use publish::RouteTableHandle;
 pub use stats::{ModuleStats, LATENCY_BUCKETS_MS};
-pub use table::{CompiledInstance, CompiledModule, RouteMatch, RouteTable};
+pub use table::{find_conflicts, Claims, CompiledInstance, CompiledModule, RouteMatch, RouteTable};

@@ -107,7 +107,7 @@ impl RouteTable {
         let refs: Vec<&ModuleSpec> = modules.iter().collect();
         let conflicts = find_conflicts(&refs);
         if !conflicts.is_empty() {
-            return Err(conflicts.into_iter().map(|(_, _, why)| why).collect());
+            return Err(conflicts.into_iter().map(|(_, why)| why).collect());
         }
         let mut table = RouteTable::empty(revision);
         table.keys = Some(keys.clone());
@@ -218,45 +218,61 @@ impl RouteTable {
     }
 }
 
-/// Pairs of modules that cannot coexist: `(i, j, reason)`.
-pub fn find_conflicts(modules: &[&ModuleSpec]) -> Vec<(usize, usize, String)> {
-    let mut out = Vec::new();
-    let mut names: HashMap<&str, usize> = HashMap::new();
-    // (host scope, prefix) -> module index
-    let mut claims: HashMap<(String, &str), usize> = HashMap::new();
-    for (i, m) in modules.iter().enumerate() {
-        if let Some(&j) = names.get(m.name.as_str()) {
-            out.push((j, i, format!("module name `{}` is defined twice", m.name)));
-            continue;
+/// The names and routes already taken, so that a module that would overlap is refused
+/// (and takes nothing). Used to validate a file, and to merge etcd modules one by one.
+#[derive(Debug, Default)]
+pub struct Claims {
+    names: std::collections::HashSet<String>,
+    /// (host scope, prefix) -> owning module.
+    routes: HashMap<(String, String), String>,
+}
+
+const ANY_HOST: &str = "*any*";
+
+impl Claims {
+    /// Takes `m`'s name and routes, or says why it cannot.
+    pub fn claim(&mut self, m: &ModuleSpec) -> Result<(), String> {
+        if self.names.contains(m.name.as_str()) {
+            return Err(format!("module name `{}` is defined twice", m.name));
         }
-        names.insert(m.name.as_str(), i);
         let scopes: Vec<String> = if m.hosts.is_empty() {
-            vec!["*any*".into()]
+            vec![ANY_HOST.into()]
         } else {
             m.hosts.iter().map(|h| h.to_string()).collect()
         };
-        for scope in scopes {
+        let mut wanted = Vec::new();
+        for scope in &scopes {
             for p in &m.prefixes {
-                if let Some(&j) = claims.get(&(scope.clone(), p.as_str())) {
-                    if j != i {
-                        let mut why = String::new();
-                        let _ = write!(
-                            why,
-                            "prefix `{}` of module `{}` overlaps module `{}`, which routes the same prefix",
-                            p, m.name, modules[j].name
-                        );
-                        if scope != "*any*" {
-                            let _ = write!(why, " for host `{scope}`");
-                        }
-                        out.push((j, i, why));
+                let key = (scope.clone(), p.as_str().to_string());
+                if let Some(owner) = self.routes.get(&key) {
+                    let mut why = format!(
+                        "prefix `{}` of module `{}` overlaps module `{}`, which routes the same prefix",
+                        p, m.name, owner
+                    );
+                    if scope != ANY_HOST {
+                        let _ = write!(why, " for host `{scope}`");
                     }
-                } else {
-                    claims.insert((scope.clone(), p.as_str()), i);
+                    return Err(why);
                 }
+                wanted.push(key);
             }
         }
+        self.names.insert(m.name.as_str().to_string());
+        for key in wanted {
+            self.routes.insert(key, m.name.as_str().to_string());
+        }
+        Ok(())
     }
-    out
+}
+
+/// Modules that cannot join those before them: `(index, reason)`.
+pub fn find_conflicts(modules: &[&ModuleSpec]) -> Vec<(usize, String)> {
+    let mut claims = Claims::default();
+    modules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| claims.claim(m).err().map(|why| (i, why)))
+        .collect()
 }
 
 #[cfg(test)]
