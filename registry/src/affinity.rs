@@ -19,12 +19,24 @@ type HmacSha256 = Hmac<Sha256>;
 pub type Token = [u8; 16];
 
 /// The affinity keys in use. `Debug` never prints them.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct AffinityKeys {
     keys: Vec<Vec<u8>>,
+    /// One keyed HMAC state per key, cloned per token (saves re-keying each time).
+    macs: Vec<HmacSha256>,
+    /// Identifies this key set (a hash of the keys), for caches.
+    fingerprint: u64,
     /// Where they came from: a file path, or `generated` (this process only).
     pub source: String,
 }
+
+impl PartialEq for AffinityKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.keys == other.keys
+    }
+}
+
+impl Eq for AffinityKeys {}
 
 impl fmt::Debug for AffinityKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,20 +74,39 @@ impl AffinityKeys {
                 path.display()
             ));
         }
-        Ok(AffinityKeys {
-            keys,
-            source: path.display().to_string(),
-        })
+        Ok(AffinityKeys::from_keys(keys, path.display().to_string()))
     }
 
     /// A random key for this process, the same for every reload. Replicas will not agree.
     pub fn generated() -> AffinityKeys {
         static KEY: OnceLock<Vec<u8>> = OnceLock::new();
         let key = KEY.get_or_init(|| rand::random::<[u8; 32]>().to_vec());
-        AffinityKeys {
-            keys: vec![key.clone()],
-            source: "generated".into(),
+        AffinityKeys::from_keys(vec![key.clone()], "generated".into())
+    }
+
+    fn from_keys(keys: Vec<Vec<u8>>, source: String) -> AffinityKeys {
+        let macs = keys
+            .iter()
+            .map(|k| HmacSha256::new_from_slice(k).expect("HMAC accepts keys of any length"))
+            .collect();
+        let mut fp = HmacSha256::new_from_slice(b"space key set").expect("static key");
+        for k in &keys {
+            fp.update(&(k.len() as u64).to_le_bytes());
+            fp.update(k);
         }
+        let fingerprint =
+            u64::from_le_bytes(fp.finalize().into_bytes()[..8].try_into().expect("8 bytes"));
+        AffinityKeys {
+            keys,
+            macs,
+            fingerprint,
+            source,
+        }
+    }
+
+    /// Identifies this key set, e.g. to cache tokens computed with it.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     pub fn len(&self) -> usize {
@@ -87,7 +118,7 @@ impl AffinityKeys {
     }
 
     fn mac(&self, key: usize) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.keys[key]).expect("HMAC accepts keys of any length")
+        self.macs[key].clone()
     }
 
     /// The token for `instance` of `module` under key number `key`.
@@ -150,22 +181,28 @@ pub enum CookieVerdict {
 }
 
 impl ModuleAffinity {
+    /// Computes every instance's tokens under every key; `cache(i, compute)` lets the caller
+    /// keep them across table builds (they only change with the key set).
     pub fn compile(
         spec: &AffinitySpec,
         module: &str,
         instance_ids: &[&str],
         keys: &AffinityKeys,
+        cache: impl Fn(usize, &dyn Fn() -> Vec<Token>) -> Vec<Token>,
     ) -> Self {
         let mut tokens = HashMap::with_capacity(instance_ids.len() * keys.len());
         let mut cookie_values = Vec::with_capacity(instance_ids.len());
         for (i, id) in instance_ids.iter().enumerate() {
-            for k in (0..keys.len()).rev() {
-                let t = keys.token(k, module, id);
-                if k == 0 {
-                    cookie_values.push(encode_token(&t));
-                }
-                tokens.insert(t, (i as u32, k == 0));
+            let compute = || {
+                (0..keys.len())
+                    .map(|k| keys.token(k, module, id))
+                    .collect::<Vec<Token>>()
+            };
+            let per_key = cache(i, &compute);
+            for (k, t) in per_key.iter().enumerate().rev() {
+                tokens.insert(*t, (i as u32, k == 0));
             }
+            cookie_values.push(encode_token(&per_key[0]));
         }
         ModuleAffinity {
             spec: spec.clone(),
@@ -215,8 +252,8 @@ mod tests {
         let old = keys("# old\nold-key-0123456789abcdef\n");
         let rotated = keys("new-key-0123456789abcdef\nold-key-0123456789abcdef\n");
         let ids = ["core-1", "core-2"];
-        let before = ModuleAffinity::compile(&spec(), "core", &ids, &old);
-        let after = ModuleAffinity::compile(&spec(), "core", &ids, &rotated);
+        let before = ModuleAffinity::compile(&spec(), "core", &ids, &old, |_, f| f());
+        let after = ModuleAffinity::compile(&spec(), "core", &ids, &rotated, |_, f| f());
         // A cookie minted before the rotation still pins, flagged for re-signing.
         assert_eq!(
             after.verify(&before.cookie_values[1]),
@@ -238,12 +275,12 @@ mod tests {
     #[test]
     fn forged_and_malformed_values_are_not_trusted() {
         let k = keys("key-0123456789abcdef\n");
-        let a = ModuleAffinity::compile(&spec(), "core", &["core-1"], &k);
+        let a = ModuleAffinity::compile(&spec(), "core", &["core-1"], &k, |_, f| f());
         assert_eq!(a.verify("AAAAAAAAAAAAAAAAAAAAAA"), CookieVerdict::Unknown);
         assert_eq!(a.verify("127.0.0.1:80"), CookieVerdict::Malformed);
         assert_eq!(a.verify(""), CookieVerdict::Malformed);
         // The same instance id in another module is another token.
-        let other = ModuleAffinity::compile(&spec(), "portal", &["core-1"], &k);
+        let other = ModuleAffinity::compile(&spec(), "portal", &["core-1"], &k, |_, f| f());
         assert_eq!(a.verify(&other.cookie_values[0]), CookieVerdict::Unknown);
     }
 

@@ -401,7 +401,12 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
     };
     let http = addr("listeners.http", &l.http);
     let https = addr("listeners.https", &l.https);
-    let admin = addr("listeners.admin", &l.admin);
+    // The admin listener is on loopback unless configured otherwise; "off" disables it.
+    let admin = match l.admin.as_deref() {
+        Some("off") => None,
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+        Some(_) => addr("listeners.admin", &l.admin),
+    };
     if l.http.is_none() && l.https.is_none() {
         push(
             "listeners",
@@ -748,6 +753,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
 
     if !issues.is_empty() {
         return Err(ConfigError { issues });
+    }
+    if raw.affinity.key_file.is_none() && modules.iter().any(|m| m.affinity.is_some()) {
+        tracing::warn!(
+            "modules use session affinity but [affinity].key_file is not set: routing cookies are signed with a key of this process only, so a restart or another replica re-pins every session. Share a key file between replicas"
+        );
     }
     let revision = hex::encode(&hasher.finalize()[..6]);
     Ok(Config {

@@ -82,7 +82,13 @@ fn parse_entry(key: &str, value: &str) -> Parsed {
                 "the manifest is named `{}` but the key names `{module}`",
                 spec.name
             )),
-            Err(e) => Parsed::Invalid(e.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; ")),
+            Err(e) => Parsed::Invalid(
+                e.issues
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
         },
         EtcdKey::Instance { module, id } => {
             let raw: RawInstance = match serde_json::from_str(value) {
@@ -105,7 +111,13 @@ fn parse_entry(key: &str, value: &str) -> Parsed {
                     module: module.to_string(),
                     spec,
                 },
-                Err(issues) => Parsed::Invalid(issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; ")),
+                Err(issues) => Parsed::Invalid(
+                    issues
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
             }
         }
         EtcdKey::Other => Parsed::Ignored,
@@ -141,7 +153,11 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(states: Arc<InstanceStates>, routes: Arc<RouteTableHandle>, etcd_prefix: &str) -> Arc<Self> {
+    pub fn new(
+        states: Arc<InstanceStates>,
+        routes: Arc<RouteTableHandle>,
+        etcd_prefix: &str,
+    ) -> Arc<Self> {
         Arc::new(Desired {
             sources: Mutex::new(Sources::default()),
             states,
@@ -196,7 +212,11 @@ impl Desired {
     }
 
     /// New DNS answer for a module.
-    pub fn set_dns(&self, module: &ModuleName, instances: Vec<InstanceSpec>) -> Result<String, String> {
+    pub fn set_dns(
+        &self,
+        module: &ModuleName,
+        instances: Vec<InstanceSpec>,
+    ) -> Result<String, String> {
         let mut s = self.lock();
         s.dns.insert(module.clone(), instances);
         self.rebuild(&s)
@@ -212,11 +232,17 @@ impl Desired {
         };
         let (modules, refusals) = merge(file, s.etcd.as_ref(), &s.dns, &self.etcd_prefix);
         let revision = match &s.etcd {
-            Some(e) => format!("file:{} etcd:{}{}", file.revision, e.revision, if e.from_snapshot { " (snapshot)" } else { "" }),
+            Some(e) => format!(
+                "file:{} etcd:{}{}",
+                file.revision,
+                e.revision,
+                if e.from_snapshot { " (snapshot)" } else { "" }
+            ),
             None => format!("file:{}", file.revision),
         };
         let keys: &AffinityKeys = &file.affinity_keys;
-        let table = RouteTable::compile(&modules, &self.states, keys, &revision).map_err(|e| e.join("; "))?;
+        let table = RouteTable::compile(&modules, &self.states, keys, &revision)
+            .map_err(|e| e.join("; "))?;
         let targets: Vec<(ModuleName, DnsQuery)> = modules
             .iter()
             .filter_map(|m| m.dns.clone().map(|q| (m.name.clone(), q)))
@@ -227,7 +253,12 @@ impl Desired {
             tracing::warn!(source = %r.source, reason = %r.reason, "refused; everything else keeps working");
         }
         self.refusals.store(Arc::new(refusals));
-        if let Some(hook) = self.dns_hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(hook) = self
+            .dns_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             hook(targets);
         }
         Ok(revision)
@@ -265,13 +296,19 @@ pub fn merge(
             if file_names.contains(spec.name.as_str()) {
                 refusals.push(Refusal {
                     source: source(key),
-                    reason: format!("module `{}` is defined in the configuration file, which wins", spec.name),
+                    reason: format!(
+                        "module `{}` is defined in the configuration file, which wins",
+                        spec.name
+                    ),
                 });
                 continue;
             }
             match claims.claim(spec) {
                 Ok(()) => modules.push(spec.clone()),
-                Err(why) => refusals.push(Refusal { source: source(key), reason: why }),
+                Err(why) => refusals.push(Refusal {
+                    source: source(key),
+                    reason: why,
+                }),
             }
         }
         let index: HashMap<String, usize> = modules
@@ -324,7 +361,11 @@ mod tests {
     use std::path::Path;
 
     fn file(text: &str) -> Config {
-        crate::parse_config(&format!("[listeners]\nhttp = \"127.0.0.1:1\"\n{text}"), Path::new("/x/space.toml")).unwrap()
+        crate::parse_config(
+            &format!("[listeners]\nhttp = \"127.0.0.1:1\"\n{text}"),
+            Path::new("/x/space.toml"),
+        )
+        .unwrap()
     }
 
     fn view(kvs: &[(&str, &str)]) -> EtcdView {
@@ -339,15 +380,33 @@ mod tests {
     fn bad_keys_are_refused_alone() {
         let f = file("[[module]]\nname = \"core\"\nprefixes = [\"/\"]\n");
         let v = view(&[
-            ("modules/labs", r#"{"name":"labs","prefixes":["/modules/labs"]}"#),
+            (
+                "modules/labs",
+                r#"{"name":"labs","prefixes":["/modules/labs"]}"#,
+            ),
             ("modules/broken", "{not json"),
-            ("modules/clash", r#"{"name":"clash","prefixes":["/modules/labs"]}"#),
+            (
+                "modules/clash",
+                r#"{"name":"clash","prefixes":["/modules/labs"]}"#,
+            ),
             ("modules/core", r#"{"name":"core","prefixes":["/core"]}"#),
-            ("modules/misnamed", r#"{"name":"other","prefixes":["/other"]}"#),
-            ("instances/labs/a", r#"{"addr":"127.0.0.1:9001","weight":1}"#),
-            ("instances/labs/b", r#"{"addr":"127.0.0.1:9002","weight":0}"#),
+            (
+                "modules/misnamed",
+                r#"{"name":"other","prefixes":["/other"]}"#,
+            ),
+            (
+                "instances/labs/a",
+                r#"{"addr":"127.0.0.1:9001","weight":1}"#,
+            ),
+            (
+                "instances/labs/b",
+                r#"{"addr":"127.0.0.1:9002","weight":0}"#,
+            ),
             ("instances/ghost/a", r#"{"addr":"127.0.0.1:9003"}"#),
-            ("instances/core/c1", r#"{"addr":"127.0.0.1:9004","draining":true}"#),
+            (
+                "instances/core/c1",
+                r#"{"addr":"127.0.0.1:9004","draining":true}"#,
+            ),
             ("unrelated", "x"),
         ]);
         let (modules, refusals) = merge(&f, Some(&v), &HashMap::new(), "/space/");
@@ -356,11 +415,24 @@ mod tests {
         assert_eq!(modules[1].instances.len(), 1);
         assert!(modules[0].instances[0].draining);
         let refused: Vec<&str> = refusals.iter().map(|r| r.source.as_str()).collect();
-        for k in ["modules/broken", "modules/clash", "modules/core", "modules/misnamed", "instances/labs/b", "instances/ghost/a"] {
-            assert!(refused.contains(&format!("etcd:/space/{k}").as_str()), "{k} not refused: {refusals:?}");
+        for k in [
+            "modules/broken",
+            "modules/clash",
+            "modules/core",
+            "modules/misnamed",
+            "instances/labs/b",
+            "instances/ghost/a",
+        ] {
+            assert!(
+                refused.contains(&format!("etcd:/space/{k}").as_str()),
+                "{k} not refused: {refusals:?}"
+            );
         }
         assert_eq!(refusals.len(), 6, "{refusals:?}");
-        let clash = refusals.iter().find(|r| r.source.ends_with("clash")).unwrap();
+        let clash = refusals
+            .iter()
+            .find(|r| r.source.ends_with("clash"))
+            .unwrap();
         assert!(clash.reason.contains("overlaps module `labs`"), "{clash:?}");
     }
 
@@ -368,8 +440,18 @@ mod tests {
     fn older_etcd_module_keeps_its_prefix() {
         let f = file("");
         let mut v = EtcdView::default();
-        v.put("modules/b", r#"{"name":"b","prefixes":["/x"]}"#.into(), 5, 0);
-        v.put("modules/a", r#"{"name":"a","prefixes":["/x"]}"#.into(), 9, 0);
+        v.put(
+            "modules/b",
+            r#"{"name":"b","prefixes":["/x"]}"#.into(),
+            5,
+            0,
+        );
+        v.put(
+            "modules/a",
+            r#"{"name":"a","prefixes":["/x"]}"#.into(),
+            9,
+            0,
+        );
         let (modules, refusals) = merge(&f, Some(&v), &HashMap::new(), "/space/");
         assert_eq!(modules[0].name.as_str(), "b");
         assert_eq!(refusals[0].source, "etcd:/space/modules/a");

@@ -136,13 +136,20 @@ impl EtcdProvider {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Compacted(rev) => {
                     self.stats.compactions.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(compact_revision = rev, "etcd history was compacted past our revision; reading everything again");
+                    tracing::warn!(
+                        compact_revision = rev,
+                        "etcd history was compacted past our revision; reading everything again"
+                    );
                     resume_from = None;
                     continue;
                 }
                 SessionEnd::Disconnected(why) => {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                    *self
+                        .stats
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
                     tracing::warn!(endpoints = %self.settings.endpoints.join(","), retry_in = ?backoff,
                         "etcd unreachable ({why}); still serving the last route table");
                 }
@@ -163,7 +170,10 @@ impl EtcdProvider {
             Err(e) => return SessionEnd::Disconnected(e.to_string()),
         };
         if resume_from.is_none() {
-            let resp = match client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await {
+            let resp = match client
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => return SessionEnd::Disconnected(e.to_string()),
             };
@@ -183,7 +193,9 @@ impl EtcdProvider {
             }
             let count = fresh.entries.len();
             match self.desired.update_etcd(|view| *view = fresh) {
-                Ok(table) => tracing::info!(etcd_revision = revision, keys = count, table = %table, "etcd state loaded"),
+                Ok(table) => {
+                    tracing::info!(etcd_revision = revision, keys = count, table = %table, "etcd state loaded")
+                }
                 Err(e) => tracing::error!("etcd state could not be applied: {e}"),
             }
             self.stats.full_syncs.fetch_add(1, Ordering::Relaxed);
@@ -196,7 +208,12 @@ impl EtcdProvider {
         let mut stream = match client
             .watch(
                 prefix.as_str(),
-                Some(WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify()),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(start)
+                        .with_progress_notify(),
+                ),
             )
             .await
         {
@@ -215,14 +232,19 @@ impl EtcdProvider {
                 return SessionEnd::Compacted(first.compact_revision());
             }
             if first.canceled() {
-                return SessionEnd::Disconnected(format!("watch canceled: {}", first.cancel_reason()));
+                return SessionEnd::Disconnected(format!(
+                    "watch canceled: {}",
+                    first.cancel_reason()
+                ));
             }
             // Gather what arrives within the debounce window into one change.
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + self.settings.debounce;
             while let Ok(next) = tokio::time::timeout_at(deadline, stream.message()).await {
                 match next {
-                    Ok(Some(m)) if m.compact_revision() > 0 => return SessionEnd::Compacted(m.compact_revision()),
+                    Ok(Some(m)) if m.compact_revision() > 0 => {
+                        return SessionEnd::Compacted(m.compact_revision())
+                    }
                     Ok(Some(m)) => batch.push(m),
                     Ok(None) => break,
                     Err(e) => {
@@ -236,7 +258,12 @@ impl EtcdProvider {
         }
     }
 
-    fn apply(&self, batch: &[etcd_client::WatchResponse], prefix: &str, resume_from: &mut Option<i64>) {
+    fn apply(
+        &self,
+        batch: &[etcd_client::WatchResponse],
+        prefix: &str,
+        resume_from: &mut Option<i64>,
+    ) {
         let events: usize = batch.iter().map(|m| m.events().len()).sum();
         let revision = batch
             .iter()
@@ -256,11 +283,16 @@ impl EtcdProvider {
                 for ev in m.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let Ok(key) = kv.key_str() else { continue };
-                    let Some(rest) = key.strip_prefix(prefix) else { continue };
+                    let Some(rest) = key.strip_prefix(prefix) else {
+                        continue;
+                    };
                     match ev.event_type() {
-                        EventType::Put => {
-                            view.put(rest, kv.value_str().unwrap_or_default().to_string(), kv.create_revision(), kv.lease())
-                        }
+                        EventType::Put => view.put(
+                            rest,
+                            kv.value_str().unwrap_or_default().to_string(),
+                            kv.create_revision(),
+                            kv.lease(),
+                        ),
                         EventType::Delete => view.delete(rest),
                     }
                 }
@@ -270,7 +302,9 @@ impl EtcdProvider {
         if let Err(e) = result {
             tracing::error!("etcd change could not be applied: {e}");
         }
-        self.stats.events.fetch_add(events as u64, Ordering::Relaxed);
+        self.stats
+            .events
+            .fetch_add(events as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.revision.store(revision, Ordering::Relaxed);
         self.stats.serving_snapshot.store(false, Ordering::Relaxed);
@@ -286,7 +320,9 @@ impl EtcdProvider {
         loop {
             self.snapshot_due.notified().await;
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let Some(view) = self.desired.etcd_view() else { continue };
+            let Some(view) = self.desired.etcd_view() else {
+                continue;
+            };
             if view.from_snapshot {
                 continue;
             }

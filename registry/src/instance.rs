@@ -2,7 +2,6 @@
 //! route table and keyed by module, instance id and address, so that swapping tables keeps
 //! it and the request path reaches it without a map lookup.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering},
@@ -11,9 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashMap;
 use space_modules::{InstanceId, ModuleName};
 
-use crate::ModuleStats;
+use crate::{ModuleStats, Token};
 
 /// Identity of an instance's live state. A changed address is a new instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -59,6 +59,8 @@ pub struct InstanceState {
     requests: AtomicU64,
     /// clock_ms when the instance was first seen draining; 0 when not draining.
     draining_since_ms: AtomicU64,
+    /// Routing-cookie tokens computed for a key set (its fingerprint), kept across builds.
+    tokens: Mutex<Option<(u64, Vec<Token>)>>,
 }
 
 impl InstanceState {
@@ -76,6 +78,7 @@ impl InstanceState {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             draining_since_ms: AtomicU64::new(0),
+            tokens: Mutex::new(None),
         }
     }
 
@@ -198,6 +201,23 @@ impl InstanceState {
         self.checking.store(false, Ordering::Release);
     }
 
+    /// This instance's routing tokens for the key set `fingerprint`, computed once.
+    pub fn affinity_tokens(
+        &self,
+        fingerprint: u64,
+        compute: &dyn Fn() -> Vec<Token>,
+    ) -> Vec<Token> {
+        let mut cached = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((fp, t)) if *fp == fingerprint => t.clone(),
+            _ => {
+                let t = compute();
+                *cached = Some((fingerprint, t.clone()));
+                t
+            }
+        }
+    }
+
     /// Records whether the instance is draining; the drain clock starts the first time.
     pub fn set_draining(&self, draining: bool) {
         if !draining {
@@ -227,8 +247,8 @@ impl InstanceState {
 /// lives exactly as long as some table (or request) still refers to the instance.
 #[derive(Debug, Default)]
 pub struct InstanceStates {
-    map: Mutex<HashMap<InstanceKey, Weak<InstanceState>>>,
-    modules: Mutex<HashMap<ModuleName, Arc<ModuleStats>>>,
+    map: Mutex<FxHashMap<InstanceKey, Weak<InstanceState>>>,
+    modules: Mutex<FxHashMap<ModuleName, Arc<ModuleStats>>>,
 }
 
 impl InstanceStates {

@@ -11,6 +11,7 @@ mod affinity;
 mod balance;
 mod config;
 mod desired;
+pub mod dns;
 mod etcd;
 pub mod etcd_keys;
 mod instance;
@@ -26,8 +27,9 @@ pub use config::{
     load_config, normalize_prefix, parse_config, Config, ConfigError, ConfigIssue, DnsSettings,
     EtcdSettings, ListenerSettings, ServerSettings, TlsSettings,
 };
-pub use etcd::{EtcdProvider, EtcdStats};
 pub use desired::{merge, Desired, DnsTargetsHook, EtcdEntry, EtcdView, Refusal};
+pub use dns::{DnsDiscovery, DnsError, DnsStatus, DnsUpdateFn};
+pub use etcd::{EtcdProvider, EtcdStats};
 pub use instance::{Health, InstanceKey, InstanceState, InstanceStates};
 pub use publish::RouteTableHandle;
 pub use stats::{ModuleStats, LATENCY_BUCKETS_MS};

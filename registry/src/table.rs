@@ -3,7 +3,9 @@
 //! Lookup order: routes whose hosts name the request host exactly, then wildcard hosts
 //! (longest suffix first), then routes for any host; within each, the longest prefix on a
 //! segment boundary wins. A table is immutable; a change builds a new one.
-use std::{collections::HashMap, fmt::Write as _, sync::Arc};
+use std::{fmt::Write as _, sync::Arc};
+
+use rustc_hash::FxHashMap;
 
 use space_modules::{HostPattern, InstanceSpec, ModuleSpec};
 
@@ -45,7 +47,7 @@ pub struct CompiledModule {
 
 #[derive(Debug, Default)]
 struct PrefixMap {
-    by_prefix: HashMap<Box<str>, u32>,
+    by_prefix: FxHashMap<Box<str>, u32>,
 }
 
 impl PrefixMap {
@@ -80,7 +82,7 @@ pub struct RouteMatch<'t> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     modules: Vec<CompiledModule>,
-    exact_hosts: HashMap<Box<str>, PrefixMap>,
+    exact_hosts: FxHashMap<Box<str>, PrefixMap>,
     wildcard_hosts: Vec<(Box<str>, PrefixMap)>,
     any_host: PrefixMap,
     revision: String,
@@ -129,7 +131,11 @@ impl RouteTable {
                 .collect();
             let affinity = spec.affinity.as_ref().map(|a| {
                 let ids: Vec<&str> = spec.instances.iter().map(|i| i.id.as_str()).collect();
-                ModuleAffinity::compile(a, spec.name.as_str(), &ids, keys)
+                ModuleAffinity::compile(a, spec.name.as_str(), &ids, keys, |i, compute| {
+                    instances[i]
+                        .state
+                        .affinity_tokens(keys.fingerprint(), compute)
+                })
             });
             let picker = Picker::new(&spec.load_balancing, &instances);
             for prefix in &spec.prefixes {
@@ -222,9 +228,9 @@ impl RouteTable {
 /// (and takes nothing). Used to validate a file, and to merge etcd modules one by one.
 #[derive(Debug, Default)]
 pub struct Claims {
-    names: std::collections::HashSet<String>,
+    names: rustc_hash::FxHashSet<String>,
     /// (host scope, prefix) -> owning module.
-    routes: HashMap<(String, String), String>,
+    routes: FxHashMap<(String, String), String>,
 }
 
 const ANY_HOST: &str = "*any*";

@@ -91,8 +91,14 @@ struct Serving {
 impl EchoBackend {
     /// Starts a backend named `name` (reported as `"instance"`) on `127.0.0.1:0`.
     pub fn start(name: &str) -> EchoBackend {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .unwrap_or_else(|e| panic!("echo backend {name}: cannot bind 127.0.0.1:0: {e}"));
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts a backend on `addr` (e.g. `127.0.0.2:PORT`, to give several backends one port
+    /// on different loopback addresses, as DNS-discovered pods have).
+    pub fn start_on(name: &str, addr: SocketAddr) -> EchoBackend {
+        let listener = std::net::TcpListener::bind(addr)
+            .unwrap_or_else(|e| panic!("echo backend {name}: cannot bind {addr}: {e}"));
         let addr = listener
             .local_addr()
             .expect("bound listener has an address");

@@ -4,6 +4,7 @@
 //! - [`process`]: the `space` binary as a child process ([`SpaceProcess`]);
 //! - [`backend`]: an HTTP echo upstream that can be made unhealthy, stopped and restarted ([`EchoBackend`]);
 //! - [`php`]: Debian's PHP built-in server with real PHP sessions ([`PhpServer`]);
+//! - [`dns`]: Debian's dnsmasq as a cluster-DNS stand-in with changeable A/AAAA and SRV records ([`Dnsmasq`]);
 //! - [`etcd`]: Debian's etcd in a temp data dir, plus a small KV client over its JSON gateway ([`Etcd`]);
 //! - [`tls`]: a throw-away CA issuing leaf certificates, HTTPS clients and raw TLS probes ([`TestPki`]);
 //! - [`http`]: reqwest clients and raw-bytes HTTP for paths reqwest would normalize;
@@ -23,6 +24,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
+pub mod dns;
 pub mod etcd;
 pub mod http;
 pub mod php;
@@ -36,6 +38,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use backend::{EchoBackend, RecordedRequest};
+pub use dns::{Dnsmasq, DnsmasqBuilder};
 pub use etcd::Etcd;
 pub use php::{PhpServer, PhpServerBuilder};
 pub use ports::{free_addr, free_port, wait_port};
