@@ -99,9 +99,15 @@ impl AdminApp {
                 "last_error": e.last_error.lock().unwrap_or_else(|x| x.into_inner()).clone(),
             })
         });
+        let dns = self
+            .state
+            .dns
+            .get()
+            .map(|d| json!({ "resolver": d.resolver(), "modules": d.status() }));
         json!({
             "revision": self.state.routes.load().revision(),
             "etcd": etcd,
+            "dns": dns,
             "refused": *self.state.desired.refusals(),
         })
     }
@@ -134,7 +140,14 @@ impl AdminApp {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if let Some(token) = &self.token {
+        let path = session.req_header().uri.path().to_string();
+        // Loopback callers and probes need no token; everyone else does, when one is set.
+        let loopback = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| a.ip().is_loopback());
+        let probe = path == "/healthz" || path == "/readyz";
+        if let Some(token) = self.token.as_ref().filter(|_| !loopback && !probe) {
             let ok = session
                 .req_header()
                 .headers
@@ -150,7 +163,6 @@ impl ServeHttp for AdminApp {
                 );
             }
         }
-        let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {

@@ -47,6 +47,8 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
     },
+    /// Register a module instance in etcd (and keep it alive), drain, deregister or list them.
+    Module(crate::module_cmd::ModuleArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -98,6 +100,7 @@ pub fn main() -> ExitCode {
             });
             report(result)
         }
+        Command::Module(args) => crate::module_cmd::run(args),
     }
 }
 

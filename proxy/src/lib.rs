@@ -12,6 +12,7 @@ pub mod demo;
 pub mod headers;
 pub mod health;
 pub mod metrics;
+pub mod module_cmd;
 pub mod path;
 pub mod reload;
 pub mod server;

@@ -256,27 +256,110 @@ pub fn render(
     family(&mut out, "space_discovery_refused", "gauge", "Pieces of desired state refused right now (bad etcd keys, overlapping modules, instances of unknown modules).");
     let refusals = state.desired.refusals();
     let _ = writeln!(out, "space_discovery_refused {}", refusals.len());
-    family(&mut out, "space_discovery_refused_source", "gauge", "1 for each refused key or file, named by `source`.");
+    family(
+        &mut out,
+        "space_discovery_refused_source",
+        "gauge",
+        "1 for each refused key or file, named by `source`.",
+    );
     for r in refusals.iter() {
-        let _ = writeln!(out, "space_discovery_refused_source{{source=\"{}\"}} 1", esc(&r.source));
+        let _ = writeln!(
+            out,
+            "space_discovery_refused_source{{source=\"{}\"}} 1",
+            esc(&r.source)
+        );
     }
     if let Some(e) = &state.etcd {
         use std::sync::atomic::Ordering::Relaxed;
-        family(&mut out, "space_etcd_connected", "gauge", "1 while the etcd watch is established.");
-        let _ = writeln!(out, "space_etcd_connected {}", u8::from(e.connected.load(Relaxed)));
-        family(&mut out, "space_etcd_revision", "gauge", "Last etcd revision applied.");
+        family(
+            &mut out,
+            "space_etcd_connected",
+            "gauge",
+            "1 while the etcd watch is established.",
+        );
+        let _ = writeln!(
+            out,
+            "space_etcd_connected {}",
+            u8::from(e.connected.load(Relaxed))
+        );
+        family(
+            &mut out,
+            "space_etcd_revision",
+            "gauge",
+            "Last etcd revision applied.",
+        );
         let _ = writeln!(out, "space_etcd_revision {}", e.revision.load(Relaxed));
-        family(&mut out, "space_etcd_serving_snapshot", "gauge", "1 while serving the snapshot file because etcd has not answered since start.");
-        let _ = writeln!(out, "space_etcd_serving_snapshot {}", u8::from(e.serving_snapshot.load(Relaxed)));
+        family(
+            &mut out,
+            "space_etcd_serving_snapshot",
+            "gauge",
+            "1 while serving the snapshot file because etcd has not answered since start.",
+        );
+        let _ = writeln!(
+            out,
+            "space_etcd_serving_snapshot {}",
+            u8::from(e.serving_snapshot.load(Relaxed))
+        );
         for (name, help, v) in [
-            ("space_etcd_full_syncs_total", "Full reads of the etcd prefix.", &e.full_syncs),
-            ("space_etcd_reconnects_total", "Lost etcd connections.", &e.reconnects),
-            ("space_etcd_compactions_total", "Resyncs forced by compaction.", &e.compactions),
-            ("space_etcd_events_total", "etcd watch events applied.", &e.events),
-            ("space_etcd_batches_total", "Batches of etcd events applied as one table.", &e.batches),
+            (
+                "space_etcd_full_syncs_total",
+                "Full reads of the etcd prefix.",
+                &e.full_syncs,
+            ),
+            (
+                "space_etcd_reconnects_total",
+                "Lost etcd connections.",
+                &e.reconnects,
+            ),
+            (
+                "space_etcd_compactions_total",
+                "Resyncs forced by compaction.",
+                &e.compactions,
+            ),
+            (
+                "space_etcd_events_total",
+                "etcd watch events applied.",
+                &e.events,
+            ),
+            (
+                "space_etcd_batches_total",
+                "Batches of etcd events applied as one table.",
+                &e.batches,
+            ),
         ] {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        }
+    }
+    if let Some(dns) = state.dns.get() {
+        let status = dns.status();
+        family(
+            &mut out,
+            "space_dns_instances",
+            "gauge",
+            "Instances from the last good DNS answer, by module.",
+        );
+        for st in &status {
+            let _ = writeln!(
+                out,
+                "space_dns_instances{{module=\"{}\"}} {}",
+                esc(&st.module),
+                st.instances
+            );
+        }
+        family(
+            &mut out,
+            "space_dns_failures_total",
+            "counter",
+            "Failed or empty DNS answers (the last known instances were kept), by module.",
+        );
+        for st in &status {
+            let _ = writeln!(
+                out,
+                "space_dns_failures_total{{module=\"{}\"}} {}",
+                esc(&st.module),
+                st.failures_total
+            );
         }
     }
     if let Some(c) = certs {

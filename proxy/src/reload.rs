@@ -52,13 +52,21 @@ impl Reloader {
             Ok(Some(revision)) => {
                 let table = self.desired.routes().load();
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(trigger, revision = %revision, modules = table.modules().len(), instances = table.instance_count(), "configuration reloaded");
                 Ok(revision)
             }
             Err(why) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                *self.stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                *self
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
                 tracing::error!(trigger, revision = %self.desired.routes().load().revision(),
                     "configuration change refused; still serving the previous route table:\n  {why}");
                 Err(why)

@@ -95,7 +95,10 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
 
     let states = InstanceStates::new();
     let routes = RouteTableHandle::new(RouteTable::empty("starting"));
-    let etcd_prefix = config.etcd.as_ref().map_or("/space/", |e| e.prefix.as_str());
+    let etcd_prefix = config
+        .etcd
+        .as_ref()
+        .map_or("/space/", |e| e.prefix.as_str());
     let desired = Desired::new(states.clone(), routes.clone(), etcd_prefix);
     let revision = desired
         .set_file(config.clone())
@@ -120,6 +123,7 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
     let state = Arc::new(ProxyState {
         desired: desired.clone(),
         etcd: etcd.as_ref().map(|p| p.stats.clone()),
+        dns: Default::default(),
         routes: routes.clone(),
         states: states.clone(),
         server: config.server.clone(),
@@ -189,6 +193,14 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
         ));
     }
     server.add_service(background_service(
+        "space dns discovery",
+        DnsService {
+            desired: desired.clone(),
+            settings: config.dns.clone(),
+            handle: state.dns.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "space health checks",
         HealthChecker {
             routes: routes.clone(),
@@ -233,5 +245,49 @@ struct EtcdService {
 impl pingora_core::services::background::BackgroundService for EtcdService {
     async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
         self.provider.clone().run(shutdown).await;
+    }
+}
+
+/// Runs DNS discovery: the modules with `dns`/`srv` get their instances from DNS answers.
+struct DnsService {
+    desired: Arc<Desired>,
+    settings: space_registry::DnsSettings,
+    handle: Arc<std::sync::OnceLock<space_registry::DnsDiscovery>>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for DnsService {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let desired = self.desired.clone();
+        let on_update: space_registry::DnsUpdateFn = Arc::new(move |module, instances| {
+            let count = instances.len();
+            match desired.set_dns(module, instances) {
+                Ok(rev) => {
+                    tracing::info!(module = %module, instances = count, revision = %rev, "DNS answer applied")
+                }
+                Err(e) => tracing::error!(module = %module, "DNS answer could not be applied: {e}"),
+            }
+        });
+        let dns = match space_registry::DnsDiscovery::spawn(self.settings.clone(), on_update) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("DNS discovery is off: {e}");
+                return;
+            }
+        };
+        let for_hook = dns.clone();
+        self.desired
+            .set_dns_hook(Box::new(move |targets| for_hook.set_targets(targets)));
+        let table = self.desired.routes().load();
+        dns.set_targets(
+            table
+                .modules()
+                .iter()
+                .filter_map(|m| m.spec.dns.clone().map(|q| (m.spec.name.clone(), q)))
+                .collect(),
+        );
+        let _ = self.handle.set(dns.clone());
+        let _ = shutdown.changed().await;
+        dns.shutdown();
     }
 }

@@ -48,6 +48,8 @@ pub struct ProxyState {
     pub desired: Arc<space_registry::Desired>,
     /// etcd provider counters, when etcd is configured.
     pub etcd: Option<Arc<space_registry::EtcdStats>>,
+    /// DNS discovery, once its runtime has started it.
+    pub dns: Arc<std::sync::OnceLock<space_registry::DnsDiscovery>>,
     pub routes: Arc<RouteTableHandle>,
     pub states: Arc<InstanceStates>,
     pub server: ServerSettings,
@@ -194,7 +196,10 @@ impl SpaceProxy {
     fn redirect_location(&self, req: &RequestHeader) -> Option<HeaderValue> {
         let https = self.state.listeners.https?;
         let host = request_host(req);
-        let host = if host.contains(':') {
+        if host.is_empty() {
+            return None;
+        }
+        let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
             host.into_owned()
@@ -370,9 +375,14 @@ impl ProxyHttp for SpaceProxy {
                 new_path.push('?');
                 new_path.push_str(q);
             }
-            let uri = http::Uri::builder()
-                .path_and_query(new_path)
-                .build()
+            // Keep scheme and authority: HTTP/2 requests carry the host only there.
+            let mut parts = req.uri.clone().into_parts();
+            parts.path_and_query = Some(
+                new_path
+                    .parse()
+                    .map_err(|_| status_error(400, "rewritten path is not a valid URI"))?,
+            );
+            let uri = http::Uri::from_parts(parts)
                 .map_err(|_| status_error(400, "rewritten path is not a valid URI"))?;
             session.req_header_mut().set_uri(uri);
         }
@@ -603,6 +613,18 @@ impl ProxyHttp for SpaceProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// What Pingora's own error lines say about a request: method, path and host, never the
+    /// query string (it can hold patient data).
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {}, Host: {}",
+            req.method,
+            req.uri.path(),
+            request_host(req)
+        )
     }
 
     /// Quiet Pingora's error log for outcomes SPACE already reports (413, 503, client gone).

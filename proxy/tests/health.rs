@@ -140,8 +140,15 @@ async fn no_healthy_instance_is_a_quick_503() {
     let mut b = EchoBackend::start("b");
     b.stop();
     let space2 = Space::start(&module("core", &["/"], &[b.addr()], NO_HEALTH));
-    let r = client().get(space2.url("/")).send().await.unwrap();
+    let r = client()
+        .get(space2.url("/chart.php?patient=Jane+Doe"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status() == 502 || r.status() == 503, "{}", r.status());
+    // Error lines name the request without its query string (it can hold patient data).
+    test_support::assert_eventually!(space2.logs().contains("/chart.php"));
+    assert!(!space2.logs().contains("Jane"), "{}", space2.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -246,7 +246,17 @@ async fn trusted_proxy_chain_is_kept() {
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_over_tls_and_h2c() {
     let core = EchoBackend::start("core");
-    let space = Space::start(&module("core", &["/"], &[core.addr()], NO_HEALTH));
+    let api = EchoBackend::start("api");
+    let space = Space::start(&format!(
+        "{}\n{}",
+        module("core", &["/"], &[core.addr()], NO_HEALTH),
+        module(
+            "api",
+            &["/api"],
+            &[api.addr()],
+            &format!("strip_prefix = true\n{NO_HEALTH}")
+        )
+    ));
 
     let tls = test_support::tls::https_client(space.pki.ca_pem());
     let r = tls.get(space.https_url("/tls")).send().await.unwrap();
@@ -267,6 +277,16 @@ async fn http2_over_tls_and_h2c() {
         Some(&*format!("localhost:{}", space.https.port()))
     );
     assert!(core.requests()[1].header("host").is_some());
+
+    // A rewritten path (strip_prefix) keeps the HTTP/2 request's host.
+    let r = tls.get(space.https_url("/api/v1/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = &api.requests()[0];
+    assert_eq!(seen.path, "/v1/x");
+    assert_eq!(
+        seen.header("host"),
+        Some(&*format!("localhost:{}", space.https.port()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
