@@ -20,8 +20,9 @@ pub use deny::{DenyRules, DenyRulesError};
 pub use error::{Issue, ManifestError};
 pub use raw::{RawAffinity, RawHealthCheck, RawInstance, RawManifest, RawTimeouts, SizeValue};
 pub use spec::{
-    AffinitySpec, DnsQuery, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, LoadBalancing,
-    ModuleName, ModuleSpec, PathPrefix, SameSite, StatusRanges, Timeouts, DEFAULT_DRAIN_TIMEOUT,
+    AffinitySpec, DnsQuery, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec,
+    LoadBalancing, ModuleName, ModuleSpec, PathPrefix, SameSite, StatusRanges, Timeouts,
+    DEFAULT_DRAIN_TIMEOUT,
 };
 pub use units::{parse_duration, parse_size};
 pub use validate::{
