@@ -58,16 +58,24 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
         }
     }
 
-    let ip = fwd.client_ip.map(|ip| ip.to_string());
-    let xff = match (fwd.trusted, req.headers.get(X_FORWARDED_FOR), &ip) {
+    // The client address, formatted on the stack (no per-request String).
+    let mut ip_buf = [0u8; 48];
+    let ip: Option<&[u8]> = fwd.client_ip.map(|ip| {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut ip_buf[..]);
+        let _ = write!(cursor, "{ip}");
+        let n = cursor.position() as usize;
+        &ip_buf[..n]
+    });
+    let xff = match (fwd.trusted, req.headers.get(X_FORWARDED_FOR), ip) {
         (true, Some(prev), Some(ip)) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip.as_bytes());
+            v.extend_from_slice(ip);
             HeaderValue::from_bytes(&v).ok()
         }
-        (_, _, Some(ip)) => HeaderValue::from_str(ip).ok(),
+        (_, _, Some(ip)) => HeaderValue::from_bytes(ip).ok(),
         _ => None,
     };
     match xff {
@@ -80,7 +88,7 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
     }
 
     if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
-        let _ = req.insert_header(X_FORWARDED_PROTO, fwd.proto);
+        let _ = req.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
     if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
         match req.headers.get(header::HOST).cloned() {

@@ -298,6 +298,22 @@ impl ProxyHttp for SpaceProxy {
             }
         }
 
+        let has_host = req.uri.authority().is_some() || req.headers.contains_key(header::HOST);
+        if !has_host && req.version == http::Version::HTTP_11 {
+            // RFC 9112 §3.2: a request without Host is refused.
+            ModuleStats::bump(&self.state.global.bad_path);
+            ctx.local_reason = "no host";
+            return self
+                .answer(
+                    session,
+                    ctx,
+                    400,
+                    "400 Bad Request: Host header required\n",
+                    None,
+                )
+                .await;
+        }
+
         let path = req.uri.path();
         let normalized = match normalize_path(path) {
             Ok(p) => p,
@@ -514,6 +530,13 @@ impl ProxyHttp for SpaceProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let trusted = client_ip.is_some_and(|ip| self.state.server.is_trusted_proxy(ip));
+        if !upstream.headers.contains_key(header::HOST) && upstream.uri.authority().is_none() {
+            // An HTTP/1.0 client sent no Host: name the instance, as nginx does.
+            if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
+                let addr = m.instances[i as usize].spec.addr.to_string();
+                let _ = upstream.insert_header(header::HOST, addr);
+            }
+        }
         let id = ctx
             .request_id
             .clone()

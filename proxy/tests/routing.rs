@@ -460,3 +460,22 @@ async fn unknown_route_is_404_and_admin_reports_routes() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_without_host_get_an_answer() {
+    let core = EchoBackend::start("core");
+    let space = Space::start(&module("core", &["/"], &[core.addr()], NO_HEALTH));
+    let raw = raw_request(space.http, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    // (Longer than the 24-byte HTTP/2 preface that Pingora's h2c detection waits for.)
+    let raw = raw_request(
+        space.http,
+        "GET / HTTP/1.0\r\nUser-Agent: old-client\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert_eq!(
+        core.requests()[0].header("host"),
+        Some(&*core.addr().to_string())
+    );
+}
