@@ -134,11 +134,17 @@ fn validate(path: &std::path::Path) -> ExitCode {
                     tls.cert_dir.display()
                 ));
             } else {
-                problems.extend(
-                    space_certs::validate_dir(&tls.cert_dir)
-                        .iter()
-                        .map(|e| e.to_string()),
-                );
+                let found = space_certs::validate_dir(&tls.cert_dir);
+                if found.is_empty() {
+                    // The directory is fine: check that the default certificate exists in it.
+                    space_certs::install_default_crypto_provider();
+                    if let Err(e) =
+                        space_certs::CertStore::load_dir(&tls.cert_dir, tls.default_cert.as_deref())
+                    {
+                        problems.push(format!("{}: tls.default_cert: {e}", path.display()));
+                    }
+                }
+                problems.extend(found.iter().map(|e| e.to_string()));
             }
         }
     }
