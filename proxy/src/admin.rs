@@ -145,7 +145,7 @@ impl ServeHttp for AdminApp {
         let loopback = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .is_some_and(|a| a.ip().is_loopback());
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
         let probe = path == "/healthz" || path == "/readyz";
         if let Some(token) = self.token.as_ref().filter(|_| !loopback && !probe) {
             let ok = session

@@ -75,7 +75,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Run { config } => {
-            let result = space_registry::load_config(&config)
+            let result = space_registry::load_config(&absolute(&config))
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .and_then(|c| crate::server::run(c, Vec::new()));
             report(result)
@@ -93,8 +93,8 @@ pub fn main() -> ExitCode {
                 admin,
             };
             let result = crate::demo::prepare(&opts).and_then(|(path, services, banner)| {
-                let config =
-                    space_registry::load_config(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let config = space_registry::load_config(&absolute(&path))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                 eprintln!("{banner}");
                 crate::server::run(config, services)
             });
@@ -102,6 +102,12 @@ pub fn main() -> ExitCode {
         }
         Command::Module(args) => crate::module_cmd::run(args),
     }
+}
+
+/// The configuration path made absolute, so that file-change events (which carry absolute
+/// paths) match it and relative paths inside it resolve the same way after a `cd`.
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

@@ -575,6 +575,20 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             })
         };
         let ca_file = file("discovery.etcd.ca_file", &e.ca_file, &mut push);
+        if e.endpoints.iter().any(|ep| ep.starts_with("https://")) && ca_file.is_none() {
+            push(
+                "discovery.etcd.ca_file",
+                "an https:// endpoint needs the CA that signed etcd's certificate".into(),
+                "set `ca_file`",
+            );
+        }
+        if e.cert_file.is_some() && ca_file.is_none() {
+            push(
+                "discovery.etcd.cert_file",
+                "a client certificate is only used over TLS".into(),
+                "set `ca_file` (and use https:// endpoints)",
+            );
+        }
         let cert_file = file("discovery.etcd.cert_file", &e.cert_file, &mut push);
         let key_file = file("discovery.etcd.key_file", &e.key_file, &mut push);
         if cert_file.is_some() != key_file.is_some() {
@@ -601,6 +615,13 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             &e.connect_timeout,
             Duration::from_secs(3),
         );
+        if connect_timeout.is_zero() {
+            push(
+                "discovery.etcd.connect_timeout",
+                "must be longer than 0".into(),
+                "write e.g. `3s`",
+            );
+        }
         EtcdSettings {
             endpoints: e.endpoints.clone(),
             prefix: normalize_prefix(e.prefix.as_deref().unwrap_or("/space/")),
@@ -647,6 +668,13 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 &d.max_interval,
                 defaults.max_interval,
             );
+            if min_interval.is_zero() {
+                push(
+                    "discovery.dns.min_interval",
+                    "must be longer than 0".into(),
+                    "write e.g. `1s`",
+                );
+            }
             if min_interval > max_interval {
                 push(
                     "discovery.dns.min_interval",

@@ -131,7 +131,7 @@ impl EtcdProvider {
                 end = self.session(&mut resume_from, &mut backoff) => end,
                 _ = shutdown.changed() => SessionEnd::Shutdown,
             };
-            self.stats.connected.store(false, Ordering::Relaxed);
+            let was_connected = self.stats.connected.swap(false, Ordering::Relaxed);
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Compacted(rev) => {
@@ -144,7 +144,9 @@ impl EtcdProvider {
                     continue;
                 }
                 SessionEnd::Disconnected(why) => {
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if was_connected {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                     *self
                         .stats
                         .last_error
@@ -221,6 +223,11 @@ impl EtcdProvider {
             Err(e) => return SessionEnd::Disconnected(e.to_string()),
         };
         self.stats.connected.store(true, Ordering::Relaxed);
+        *self
+            .stats
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         *backoff = Duration::from_millis(100);
         loop {
             let first = match stream.message().await {
