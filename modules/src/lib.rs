@@ -26,5 +26,5 @@ pub use spec::{
 };
 pub use units::{parse_duration, parse_size};
 pub use validate::{
-    parse_json_manifest, parse_toml_manifest, validate_instance, validate_manifest,
+    parse_json_manifest, parse_toml_manifest, toml_issue, validate_instance, validate_manifest,
 };

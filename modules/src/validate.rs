@@ -36,8 +36,8 @@ pub fn parse_json_manifest(text: &str, source_name: &str) -> Result<ModuleSpec, 
     })
 }
 
-/// Describes a TOML parse error with its line and column.
-fn toml_issue(text: &str, e: &toml::de::Error) -> Issue {
+/// Describes a TOML parse error with its line and column (shared with `space.toml` parsing).
+pub fn toml_issue(text: &str, e: &toml::de::Error) -> Issue {
     let at = e
         .span()
         .map(|span| {
@@ -47,7 +47,7 @@ fn toml_issue(text: &str, e: &toml::de::Error) -> Issue {
             format!("line {line} column {col}")
         })
         .unwrap_or_default();
-    let message = e.message().to_string();
+    let message = e.message().trim().to_string();
     let fix = if message.contains("unknown field") {
         "remove or correct the key; the accepted keys are listed in the message and in docs/configuration.md"
     } else {

@@ -250,14 +250,7 @@ async fn a_killed_instance_repins_only_its_sessions_and_no_request_fails() {
         assert_eq!(again, instance);
         assert_eq!(next, counter + 1);
     }
-    let metrics = client()
-        .get(space.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = space.metrics().await;
     assert!(!metrics.contains("outcome=\"repinned\"} 0\n"), "{metrics}");
     // The logs say what happened, but never hold a raw session id.
     let logs = space.logs();
@@ -324,14 +317,7 @@ async fn forged_routing_cookie_is_ignored() {
             "the cookie must be opaque: {set}"
         );
     }
-    let metrics = c
-        .get(space.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = space.metrics().await;
     assert!(
         metrics.contains("space_affinity_total{module=\"portal\",outcome=\"invalid\"} 3"),
         "{metrics}"

@@ -367,14 +367,7 @@ async fn a_bad_key_is_refused_alone() {
         refused.contains(&"etcd:/space/modules/clash".to_string()),
         "{v}"
     );
-    let metrics = client()
-        .get(space.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = space.metrics().await;
     assert!(
         metrics.contains("space_discovery_refused_source{source=\"etcd:/space/modules/broken\"} 1"),
         "{metrics}"

@@ -41,15 +41,10 @@ async fn failing_health_checks_eject_and_recovery_readmits() {
         }
         .await
     );
-    let (_, instances) = test_support::http::get_json(&space.admin_url("/api/instances")).await;
-    let b_health = instances["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["addr"] == b.addr().to_string())
-        .unwrap()["health"]
-        .clone();
-    assert_eq!(b_health, "down");
+    assert_eq!(
+        space.instance(&b.addr().to_string()).await["health"],
+        "down"
+    );
 
     b.set_healthy(true);
     assert_eventually_async!(instances_seen(&space, 10).await.contains("b"));
@@ -82,14 +77,7 @@ async fn connect_failure_is_retried_on_another_instance() {
     // Round robin sends every other request to the dead instance; each is retried on a.
     let seen = instances_seen(&space, 20).await;
     assert_eq!(seen, HashSet::from(["a".to_string()]));
-    let metrics = client()
-        .get(space.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = space.metrics().await;
     assert!(
         metrics.contains("space_upstream_retries_total{module=\"core\"}"),
         "{metrics}"
@@ -112,15 +100,8 @@ async fn repeated_connect_failures_mark_the_instance_down() {
         "health_check = { enabled = false, max_fails = 2, fail_timeout = \"1h\" }",
     ));
     instances_seen(&space, 10).await;
-    let (_, instances) = test_support::http::get_json(&space.admin_url("/api/instances")).await;
-    let b_state = instances["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["addr"] == b.addr().to_string())
-        .unwrap()
-        .clone();
-    assert_eq!(b_state["health"], "down", "{instances}");
+    let b_state = space.instance(&b.addr().to_string()).await;
+    assert_eq!(b_state["health"], "down", "{b_state}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

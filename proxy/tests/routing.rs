@@ -447,14 +447,7 @@ async fn unknown_route_is_404_and_admin_reports_routes() {
     assert_eq!(status, 200);
     assert_eq!(routes["modules"][0]["name"], "labs");
     assert_eq!(routes["modules"][0]["prefixes"][0], "/modules/labs");
-    let metrics = client()
-        .get(space.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = space.metrics().await;
     assert!(
         metrics.contains("space_refused_requests_total{module=\"\",reason=\"no_route\"} 1"),
         "{metrics}"

@@ -12,7 +12,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use space_modules::{
-    parse_duration, parse_size, validate_manifest, Issue, ModuleSpec, RawManifest, SizeValue,
+    parse_duration, parse_size, toml_issue, validate_manifest, Issue, ModuleSpec, RawManifest,
+    SizeValue,
 };
 
 use crate::{table::find_conflicts, AffinityKeys};
@@ -818,25 +819,6 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
-}
-
-fn toml_issue(text: &str, e: &toml::de::Error) -> Issue {
-    let at = e
-        .span()
-        .map(|span| {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line} column {col}")
-        })
-        .unwrap_or_default();
-    let message = e.message().trim().to_string();
-    let fix = if message.contains("unknown field") {
-        "remove or correct the key; accepted keys are listed in the message and in docs/configuration.md"
-    } else {
-        "correct the TOML at that position"
-    };
-    Issue::new(at, message, fix)
 }
 
 #[cfg(test)]

@@ -121,6 +121,27 @@ impl Space {
     pub fn logs(&self) -> String {
         self.process.logs()
     }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The admin API's view of one instance (by id).
+    pub async fn instance(&self, id: &str) -> serde_json::Value {
+        let (_, v) = test_support::http::get_json(&self.admin_url("/api/instances")).await;
+        v["instances"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["id"] == id).cloned())
+            .unwrap_or_default()
+    }
 }
 
 pub fn write_atomically(path: &Path, text: &str) {
