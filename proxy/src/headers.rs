@@ -47,14 +47,28 @@ pub struct Forwarding<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// Rewrites `req` for the backend: hop-by-hop headers out, X-Forwarded-* and X-Request-Id in.
-pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
-    remove_hop_by_hop(req);
+// The same names as `HeaderName`s, for lookups (a `&str` is parsed and hashed on every use).
+// Insertions keep the `&'static str` forms: pingora_http copies a custom `HeaderName` into
+// its case map, while a `&'static str` is borrowed.
+const XFF: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
+const XFP: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
+const XFH: HeaderName = HeaderName::from_static(X_FORWARDED_HOST);
 
+/// Rewrites `req` for the backend: X-Forwarded-* and X-Request-Id in.
+///
+/// Hop-by-hop headers are not touched here: Pingora's standard upstream request policy
+/// (which `upstream_peer` pins on every peer) has already removed them, and the fields the
+/// client's `Connection` names, before this runs. [`remove_hop_by_hop`] does the same for a
+/// caller without that policy.
+pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
     // Host: HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
-    if req.headers.get(header::HOST).is_none() {
-        if let Some(authority) = req.uri.authority().map(|a| a.as_str().to_owned()) {
-            let _ = req.insert_header(header::HOST, authority);
+    let mut host = req.headers.get(header::HOST).cloned();
+    if host.is_none() {
+        if let Some(authority) = req.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                let _ = req.insert_header(header::HOST, v.clone());
+                host = Some(v);
+            }
         }
     }
 
@@ -67,15 +81,16 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
         let n = cursor.position() as usize;
         &ip_buf[..n]
     });
-    let xff = match (fwd.trusted, req.headers.get(X_FORWARDED_FOR), ip) {
-        (true, Some(prev), Some(ip)) => {
+    let prev = if fwd.trusted { req.headers.get(&XFF) } else { None };
+    let xff = match (prev, ip) {
+        (Some(prev), Some(ip)) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
             v.extend_from_slice(ip);
             HeaderValue::from_bytes(&v).ok()
         }
-        (_, _, Some(ip)) => HeaderValue::from_bytes(ip).ok(),
+        (_, Some(ip)) => HeaderValue::from_bytes(ip).ok(),
         _ => None,
     };
     match xff {
@@ -83,20 +98,20 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
             let _ = req.insert_header(X_FORWARDED_FOR, v);
         }
         None => {
-            req.remove_header(X_FORWARDED_FOR);
+            req.remove_header(&XFF);
         }
     }
 
-    if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
+    if !(fwd.trusted && req.headers.contains_key(&XFP)) {
         let _ = req.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
-    if !(fwd.trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
-        match req.headers.get(header::HOST).cloned() {
+    if !(fwd.trusted && req.headers.contains_key(&XFH)) {
+        match host {
             Some(host) => {
                 let _ = req.insert_header(X_FORWARDED_HOST, host);
             }
             None => {
-                req.remove_header(X_FORWARDED_HOST);
+                req.remove_header(&XFH);
             }
         }
     }
@@ -108,7 +123,7 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
 
 /// Removes hop-by-hop headers and any header the Connection header names, except what a
 /// protocol upgrade (WebSocket) needs.
-fn remove_hop_by_hop(req: &mut RequestHeader) {
+pub fn remove_hop_by_hop(req: &mut RequestHeader) {
     let connection = req.headers.get(header::CONNECTION).cloned();
     let upgrade = connection.as_ref().is_some_and(|c| {
         c.as_bytes()
@@ -174,6 +189,7 @@ mod tests {
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
         ]);
+        remove_hop_by_hop(&mut r);
         prepare_upstream_request(
             &mut r,
             &Forwarding {
@@ -222,6 +238,7 @@ mod tests {
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
         ]);
+        remove_hop_by_hop(&mut r);
         prepare_upstream_request(
             &mut r,
             &Forwarding {

@@ -15,7 +15,10 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, HeaderValue};
-use pingora_core::{upstreams::peer::HttpPeer, ErrorType};
+use pingora_core::{
+    upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy},
+    ErrorType,
+};
 use pingora_error::{Error, ErrorSource, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -477,6 +480,9 @@ impl ProxyHttp for SpaceProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        // Strips hop-by-hop and Connection-named fields before upstream_request_filter;
+        // headers::prepare_upstream_request relies on it (this is Pingora's default).
+        peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::standard();
         if ctx.attempts < MAX_ATTEMPTS {
             ctx.tried[ctx.attempts] = index as u32;
             ctx.attempts += 1;
@@ -537,17 +543,21 @@ impl ProxyHttp for SpaceProxy {
                 let _ = upstream.insert_header(header::HOST, addr);
             }
         }
-        let id = ctx
-            .request_id
-            .clone()
-            .unwrap_or_else(headers::new_request_id);
+        let generated;
+        let request_id = match &ctx.request_id {
+            Some(id) => id,
+            None => {
+                generated = headers::new_request_id();
+                &generated
+            }
+        };
         headers::prepare_upstream_request(
             upstream,
             &Forwarding {
                 client_ip,
                 trusted,
                 proto: if ctx.tls { "https" } else { "http" },
-                request_id: &id,
+                request_id,
             },
         );
         Ok(())
