@@ -56,10 +56,10 @@ const XFH: HeaderName = HeaderName::from_static(X_FORWARDED_HOST);
 
 /// Rewrites `req` for the backend: X-Forwarded-* and X-Request-Id in.
 ///
-/// Hop-by-hop headers are not touched here: Pingora's standard upstream request policy
-/// (which `upstream_peer` pins on every peer) has already removed them, and the fields the
-/// client's `Connection` names, before this runs. [`remove_hop_by_hop`] does the same for a
-/// caller without that policy.
+/// Hop-by-hop headers are not touched here: when the request has any (see
+/// [`has_hop_by_hop`]), `upstream_peer` sets Pingora's standard upstream request policy,
+/// which removes them, and the fields the client's `Connection` names, before this runs.
+/// [`remove_hop_by_hop`] does the same for a caller without that policy.
 pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
     // Host: HTTP/2 clients send :authority only; HTTP/1.1 backends need Host.
     let mut host = req.headers.get(header::HOST).cloned();
@@ -78,7 +78,11 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
         let n = format_ip(ip, &mut ip_buf);
         &ip_buf[..n]
     });
-    let prev = if fwd.trusted { req.headers.get(&XFF) } else { None };
+    let prev = if fwd.trusted {
+        req.headers.get(&XFF)
+    } else {
+        None
+    };
     let xff = match (prev, ip) {
         (Some(prev), Some(ip)) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
@@ -116,6 +120,29 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, fwd: &Forwarding<'_>) {
         req.remove_header(&header::FORWARDED);
     }
     let _ = req.insert_header(X_REQUEST_ID, fwd.request_id.clone());
+}
+
+/// Whether the request has a field Pingora's standard upstream request policy would strip
+/// or rewrite (pingora-proxy 0.9.1 `sanitize_h1_upstream_request`: the standard hop-by-hop
+/// set, `Connection` and what it names, `Upgrade`, `HTTP2-Settings`). Without one, that
+/// policy changes nothing, and the `preserve` policy forwards the same request while
+/// skipping about a dozen header-map lookups.
+pub fn has_hop_by_hop(req: &RequestHeader) -> bool {
+    req.headers.keys().any(|name| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "http2-settings"
+        )
+    })
 }
 
 /// Writes `ip` as text into `buf`, returning the length. IPv4 by hand (core::fmt costs about
@@ -298,6 +325,28 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             let n = format_ip(ip, &mut buf);
             assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_detection() {
+        assert!(!has_hop_by_hop(&req(&[("host", "h"), ("accept", "*/*")])));
+        for name in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Connection",
+            "Proxy-Authorization",
+            "proxy-authenticate",
+            "TE",
+            "trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "HTTP2-Settings",
+        ] {
+            assert!(
+                has_hop_by_hop(&req(&[("host", "h"), (name, "x")])),
+                "{name}"
+            );
         }
     }
 

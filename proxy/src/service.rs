@@ -480,9 +480,15 @@ impl ProxyHttp for SpaceProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
-        // Strips hop-by-hop and Connection-named fields before upstream_request_filter;
-        // headers::prepare_upstream_request relies on it (this is Pingora's default).
-        peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::standard();
+        // Pingora's standard policy strips hop-by-hop and Connection-named fields before
+        // upstream_request_filter (headers::prepare_upstream_request relies on it). A request
+        // with none of them comes out of it unchanged: `preserve` skips the work.
+        peer.options.http_upstream_request_policy = if headers::has_hop_by_hop(session.req_header())
+        {
+            HttpUpstreamRequestPolicy::standard()
+        } else {
+            HttpUpstreamRequestPolicy::preserve()
+        };
         if ctx.attempts < MAX_ATTEMPTS {
             ctx.tried[ctx.attempts] = index as u32;
             ctx.attempts += 1;
