@@ -64,6 +64,21 @@ unsafe impl GlobalAlloc for SpaceAlloc {
 #[global_allocator]
 static GLOBAL: SpaceAlloc = SpaceAlloc;
 
+/// mimalloc's `mi_option_purge_delay` (v2 `mimalloc.h`, not exported by libmimalloc-sys).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory for a second before returning it to the OS. mimalloc's default (10 ms)
+/// returns it almost at once, so every route-table rebuild faulted its pages back in
+/// (zeroed by the kernel): a 100,000-instance build took 170-270 ms instead of 55-70 ms.
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide mimalloc option before any thread is started.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     space_proxy::cli::main()
 }

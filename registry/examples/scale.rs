@@ -20,6 +20,11 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
+    // As the `space` binary does (see proxy/src/main.rs `tune_allocator`): mi_option_purge_delay = 1 s.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide mimalloc option before any other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(15, 1000) };
+    }
     let modules: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
