@@ -431,3 +431,54 @@ async fn dns_answers_become_instances_and_follow_changes() {
         (200, "pod-b".to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn space_module_register_routes_the_module_and_sigterm_drains_it_away() {
+    let etcd = Etcd::start();
+    let base = EchoBackend::start("core");
+    let labs = EchoBackend::start("labs");
+    let space = Space::start(&format!(
+        "{}\n{}",
+        core(&base),
+        etcd_section(&etcd.endpoint(), "")
+    ));
+    let dir = test_support::temp_dir();
+    let manifest = dir.path().join("labs.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"labs\"\nprefixes = [\"/modules/labs\"]\nhealth_check = { enabled = false }\n",
+    )
+    .unwrap();
+    let addr = labs.addr().to_string();
+    let mut registrar = SpaceProcess::spawn(
+        SPACE,
+        [
+            "module",
+            "register",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--addr",
+            &addr,
+            "--id",
+            "labs-1",
+            "--ttl",
+            "3s",
+            "--drain-period",
+            "1s",
+            "--etcd",
+            &etcd.endpoint(),
+        ],
+    );
+    assert_eventually_async!(
+        instance_at(&space, "/modules/labs/x").await == (200, "labs".to_string())
+    );
+    assert_eq!(space.instance("labs-1").await["draining"], false);
+
+    registrar.signal(test_support::process::SIGTERM);
+    // Draining first (no new sessions), then removed: the module has no instance left.
+    let status = registrar
+        .wait_exit(Duration::from_secs(20))
+        .expect("the registrar exits");
+    assert!(status.success(), "{}", registrar.logs());
+    assert_eventually_async!(instance_at(&space, "/modules/labs/x").await.0 == 503);
+}
