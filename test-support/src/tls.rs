@@ -342,9 +342,9 @@ fn leaf_names(der: &CertificateDer<'_>) -> Result<(Vec<String>, Vec<IpAddr>), St
 }
 
 /// Accepts any server certificate but still checks the handshake signature, so a probe can
-/// report whatever the server presents.
+/// report whatever the server presents. Use it in a test client's `dangerous()` config.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
+pub struct AcceptAnyCertificate(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for AcceptAnyCertificate {
     fn verify_server_cert(
