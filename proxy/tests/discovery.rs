@@ -97,6 +97,21 @@ fn put_instance(etcd: &Etcd, module: &str, id: &str, addr: SocketAddr, lease: Op
     };
 }
 
+/// SPACE with a file-configured core module (served by `base`) and etcd discovery.
+fn with_etcd(base: &EchoBackend, endpoint: &str, etcd_extra: &str) -> Space {
+    Space::start(&format!(
+        "{}\n{}",
+        core(base),
+        etcd_section(endpoint, etcd_extra)
+    ))
+}
+
+/// Whether SPACE's etcd watch is established, from the admin API.
+async fn etcd_connected(space: &Space) -> bool {
+    let (_, v) = test_support::http::get_json(&space.admin_url("/api/discovery")).await;
+    v["etcd"]["connected"] == true
+}
+
 async fn instance_at(space: &Space, path: &str) -> (u16, String) {
     get_instance(&client(), &space.url(path)).await
 }
@@ -106,11 +121,7 @@ async fn registered_module_is_routed_and_lease_expiry_removes_it() {
     let etcd = Etcd::start();
     let base = EchoBackend::start("core");
     let labs = EchoBackend::start("labs");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(&etcd.endpoint(), "")
-    ));
+    let space = with_etcd(&base, &etcd.endpoint(), "");
     assert_eq!(instance_at(&space, "/modules/labs/x").await.1, "core");
 
     put_module(&etcd, "labs", "/modules/labs");
@@ -133,11 +144,7 @@ async fn draining_from_etcd_keeps_pinned_sessions_and_avoids_new_ones() {
     let base = EchoBackend::start("core");
     let a = EchoBackend::start("a");
     let b = EchoBackend::start("b");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(&etcd.endpoint(), "")
-    ));
+    let space = with_etcd(&base, &etcd.endpoint(), "");
     let manifest = json!({"name": "labs", "prefixes": ["/labs"], "health_check": {"enabled": false},
         "affinity": {"cookie": "space-labs", "drain_timeout": "1h"}});
     etcd.put("/space/modules/labs", &manifest.to_string());
@@ -187,11 +194,7 @@ async fn etcd_outage_keeps_serving_and_later_changes_apply() {
     let base = EchoBackend::start("core");
     let labs = EchoBackend::start("labs");
     let portal = EchoBackend::start("portal");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(&etcd.endpoint(), "")
-    ));
+    let space = with_etcd(&base, &etcd.endpoint(), "");
     put_module(&etcd, "labs", "/labs");
     put_instance(&etcd, "labs", "labs-1", labs.addr(), None);
     assert_eventually_async!(instance_at(&space, "/labs/x").await == (200, "labs".to_string()));
@@ -203,13 +206,7 @@ async fn etcd_outage_keeps_serving_and_later_changes_apply() {
             (200, "labs".to_string())
         );
     }
-    assert_eventually_async!(
-        async {
-            let (_, v) = test_support::http::get_json(&space.admin_url("/api/discovery")).await;
-            v["etcd"]["connected"] == false
-        }
-        .await
-    );
+    assert_eventually_async!(!etcd_connected(&space).await);
 
     etcd.restart();
     put_module(&etcd, "portal", "/patient_portal");
@@ -230,26 +227,17 @@ async fn compaction_during_a_partition_forces_a_full_resync() {
     let base = EchoBackend::start("core");
     let labs = EchoBackend::start("labs");
     let portal = EchoBackend::start("portal");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(
-            &format!("http://{}", relay.addr),
-            "connect_timeout = \"500ms\""
-        )
-    ));
+    let space = with_etcd(
+        &base,
+        &format!("http://{}", relay.addr),
+        "connect_timeout = \"500ms\"",
+    );
     put_module(&etcd, "labs", "/labs");
     put_instance(&etcd, "labs", "labs-1", labs.addr(), None);
     assert_eventually_async!(instance_at(&space, "/labs/x").await == (200, "labs".to_string()));
 
     relay.cut();
-    assert_eventually_async!(
-        async {
-            let (_, v) = test_support::http::get_json(&space.admin_url("/api/discovery")).await;
-            v["etcd"]["connected"] == false
-        }
-        .await
-    );
+    assert_eventually_async!(!etcd_connected(&space).await);
     // While SPACE cannot see etcd: a module goes, another comes, and history is compacted.
     etcd.delete_prefix("/space/instances/labs/");
     etcd.delete("/space/modules/labs");
@@ -316,11 +304,7 @@ async fn a_bad_key_is_refused_alone() {
     let etcd = Etcd::start();
     let base = EchoBackend::start("core");
     let labs = EchoBackend::start("labs");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(&etcd.endpoint(), "")
-    ));
+    let space = with_etcd(&base, &etcd.endpoint(), "");
     etcd.put("/space/modules/broken", "{not json");
     put_module(&etcd, "labs", "/labs");
     etcd.put(
@@ -437,11 +421,7 @@ async fn space_module_register_routes_the_module_and_sigterm_drains_it_away() {
     let etcd = Etcd::start();
     let base = EchoBackend::start("core");
     let labs = EchoBackend::start("labs");
-    let space = Space::start(&format!(
-        "{}\n{}",
-        core(&base),
-        etcd_section(&etcd.endpoint(), "")
-    ));
+    let space = with_etcd(&base, &etcd.endpoint(), "");
     let dir = test_support::temp_dir();
     let manifest = dir.path().join("labs.toml");
     std::fs::write(
