@@ -4,7 +4,7 @@ use std::{
     io::{Read, Write},
     net::TcpListener,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
@@ -258,7 +258,6 @@ fn register_rejects_bad_input_and_an_unreachable_etcd() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("--addr") && err.contains("--weight"), "{err}");
 
-    let start = Instant::now();
     let (code, out, err) = run_module(
         &nothing,
         &[
@@ -276,7 +275,6 @@ fn register_rejects_bad_input_and_an_unreachable_etcd() {
     );
     assert!(err.contains("check"), "{err}");
     assert!(out.is_empty(), "{out}");
-    assert!(start.elapsed() < EVENTUALLY_DEADLINE);
 }
 
 #[test]
