@@ -73,9 +73,10 @@ pub struct SpaceProxy {
 pub struct RequestCtx {
     started: Instant,
     counted: bool,
+    /// The route table the request was routed with; `None` until it is routed.
     table: Option<Arc<RouteTable>>,
+    /// Index of the module in `table`.
     module: usize,
-    routed: bool,
     tls: bool,
     request_id: Option<HeaderValue>,
     tried: [u32; MAX_ATTEMPTS],
@@ -108,10 +109,13 @@ pub(crate) enum Affinity {
 
 impl RequestCtx {
     fn module(&self) -> Option<&CompiledModule> {
-        if !self.routed {
-            return None;
-        }
         self.table.as_ref().map(|t| &t.modules()[self.module])
+    }
+
+    /// Records the route: the table (kept alive for the request) and the module in it.
+    fn route(&mut self, table: Arc<RouteTable>, module: usize) {
+        self.table = Some(table);
+        self.module = module;
     }
 }
 
@@ -233,7 +237,6 @@ impl ProxyHttp for SpaceProxy {
             counted: false,
             table: None,
             module: 0,
-            routed: false,
             tls: false,
             request_id: None,
             tried: [0; MAX_ATTEMPTS],
@@ -345,9 +348,7 @@ impl ProxyHttp for SpaceProxy {
         if module.spec.deny.is_denied(&normalized) {
             ModuleStats::bump(&module.stats.denied);
             ctx.local_reason = "denied";
-            ctx.table = Some(table);
-            ctx.module = module_index;
-            ctx.routed = true;
+            ctx.route(table, module_index);
             return self
                 .answer(session, ctx, 404, "404 Not Found\n", None)
                 .await;
@@ -361,9 +362,7 @@ impl ProxyHttp for SpaceProxy {
         if declared.is_some_and(|n| n > module.spec.max_body_size) {
             ModuleStats::bump(&module.stats.body_too_large);
             ctx.local_reason = "body too large";
-            ctx.table = Some(table);
-            ctx.module = module_index;
-            ctx.routed = true;
+            ctx.route(table, module_index);
             return self
                 .answer(session, ctx, 413, "413 Content Too Large\n", None)
                 .await;
@@ -406,9 +405,7 @@ impl ProxyHttp for SpaceProxy {
             session.req_header_mut().set_uri(uri);
         }
 
-        ctx.table = Some(table);
-        ctx.module = module_index;
-        ctx.routed = true;
+        ctx.route(table, module_index);
         Ok(false)
     }
 
