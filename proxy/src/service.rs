@@ -625,25 +625,10 @@ impl ProxyHttp for SpaceProxy {
                 504 => "504 Gateway Timeout: the module's instance did not answer in time\n",
                 _ => "error\n",
             };
-            if let Ok(mut resp) = ResponseHeader::build(code, Some(4)) {
-                let _ = resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
-                let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
-                let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
-                if code == 503 {
-                    let _ = resp.insert_header(header::RETRY_AFTER, "5");
-                }
-                self.decorate_response(&mut resp, ctx);
-                session.set_keepalive(None);
-                if session
-                    .write_response_header(Box::new(resp), false)
-                    .await
-                    .is_ok()
-                {
-                    let _ = session
-                        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-                        .await;
-                }
-            }
+            let retry_after =
+                (code == 503).then(|| (header::RETRY_AFTER, HeaderValue::from_static("5")));
+            // The downstream may already be gone; nothing more to do then.
+            let _ = self.answer(session, ctx, code, body, retry_after).await;
         }
         FailToProxy {
             error_code: code,
