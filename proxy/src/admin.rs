@@ -14,6 +14,7 @@ pub struct AdminApp {
     pub reload: Arc<ReloadStats>,
     pub certs: Option<space_certs::CertStore>,
     pub token: Option<String>,
+    pub listeners: crate::listening::ProxyListeners,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -168,6 +169,8 @@ impl ServeHttp for AdminApp {
             "/readyz" => {
                 if self.state.shutting_down.load(Ordering::Relaxed) {
                     reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"shutting down\n".to_vec())
+                } else if !self.listeners.all_bound() {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"starting: proxy listeners not bound yet\n".to_vec())
                 } else {
                     reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
                 }

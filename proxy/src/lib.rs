@@ -11,6 +11,7 @@ pub mod cookies;
 pub mod demo;
 pub mod headers;
 pub mod health;
+mod listening;
 pub mod metrics;
 pub mod module_cmd;
 pub mod path;

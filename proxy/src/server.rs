@@ -177,6 +177,14 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
                 reload: reload_stats.clone(),
                 certs: certs.clone(),
                 token: config.listeners.admin_token.clone(),
+                listeners: crate::listening::ProxyListeners::new(
+                    config
+                        .listeners
+                        .http
+                        .into_iter()
+                        .chain(config.listeners.https.filter(|_| certs.is_some()))
+                        .collect(),
+                ),
             },
         );
         admin.threads = Some(1);
