@@ -181,7 +181,27 @@ impl SpaceProxy {
         session
             .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
             .await?;
+        if status >= 400 && status != 404 {
+            self.linger(session).await;
+        }
         Ok(true)
+    }
+
+    /// Lingering close: after refusing a request whose body is still arriving, read and
+    /// discard it for at most `lingering_time` before the connection closes. Closing a socket
+    /// with unread bytes makes the kernel send a reset, and a client still writing its body
+    /// then loses the answer already sent. A client that sent `Expect: 100-continue` has not
+    /// sent the body, and HTTP/2 ends the stream on its own.
+    async fn linger(&self, session: &mut Session) {
+        let limit = self.state.server.lingering_time;
+        if limit.is_zero()
+            || session.is_http2()
+            || session.req_header().headers.contains_key(header::EXPECT)
+            || session.is_body_done()
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, session.drain_request_body()).await;
     }
 
     fn keepalive_secs(&self) -> u64 {

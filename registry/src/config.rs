@@ -41,6 +41,7 @@ struct RawServer {
     threads: Option<usize>,
     grace_period: Option<String>,
     client_idle_timeout: Option<String>,
+    lingering_time: Option<String>,
     max_header_size: Option<SizeValue>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
@@ -183,6 +184,10 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     /// Idle time after which a client keep-alive connection is closed.
     pub client_idle_timeout: Duration,
+    /// After refusing a request whose body is still arriving (413, 503, ...), how long SPACE
+    /// keeps reading and discarding that body before closing, so the client reads the answer
+    /// instead of a connection reset (nginx's `lingering_time`). Zero closes at once.
+    pub lingering_time: Duration,
     /// Largest request head (request line plus headers); larger gets 431.
     pub max_header_size: usize,
     /// Peers whose X-Forwarded-* headers are kept (e.g. the cloud load balancer).
@@ -346,6 +351,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         &s.client_idle_timeout,
         Duration::from_secs(60),
     );
+    let lingering_time = duration(
+        "server.lingering_time",
+        &s.lingering_time,
+        Duration::from_secs(10),
+    );
     let max_header_size = match &s.max_header_size {
         None => 64 * 1024,
         Some(SizeValue::Bytes(n)) => *n as usize,
@@ -379,6 +389,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
         threads: threads.clamp(1, 256),
         grace_period,
         client_idle_timeout,
+        lingering_time,
         max_header_size,
         trusted_proxies,
         upstream_keepalive_pool: s.upstream_keepalive_pool.unwrap_or(256),
