@@ -3,19 +3,30 @@
 //! routing cookie on the response. Counts every outcome; logs re-pins with a keyed hash of
 //! the session id, never the id.
 use http::{header, HeaderValue};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::ResponseHeader;
 use space_registry::{
     AffinityKeys, CompiledModule, CookieVerdict, ModuleAffinity, ModuleStats, PickKey,
 };
 
-use crate::{cookies::find_cookie, service::Affinity};
+use crate::service::Affinity;
+
+/// A request's cookies by name, whichever way the request was parsed.
+pub(crate) trait RequestCookies {
+    fn cookie(&self, name: &str) -> Option<&str>;
+}
+
+impl RequestCookies for pingora_http::RequestHeader {
+    fn cookie(&self, name: &str) -> Option<&str> {
+        crate::cookies::find_cookie(self, name)
+    }
+}
 
 /// Chooses the instance for a module with affinity. Returns `None` when the module's
 /// load-balancing policy should choose (no cookie of any kind), with the decision to record.
 pub(crate) fn choose(
     module: &CompiledModule,
     keys: Option<&AffinityKeys>,
-    req: &RequestHeader,
+    req: &impl RequestCookies,
     tried: &[u32],
     previous: Affinity,
 ) -> (Option<usize>, Affinity) {
@@ -24,7 +35,7 @@ pub(crate) fn choose(
     };
     let stats = &module.stats;
     let mut decision = Affinity::New;
-    match find_cookie(req, &aff.spec.cookie).map(|v| aff.verify(v)) {
+    match req.cookie(&aff.spec.cookie).map(|v| aff.verify(v)) {
         Some(CookieVerdict::Instance { index, current_key }) => {
             let inst = &module.instances[index];
             let within_drain = inst
@@ -85,7 +96,7 @@ pub(crate) fn choose(
         .spec
         .session_cookies
         .iter()
-        .find_map(|name| find_cookie(req, name));
+        .find_map(|name| req.cookie(name));
     if let Some(value) = session_value {
         let picked =
             module
@@ -106,17 +117,84 @@ pub(crate) fn choose(
 fn session_fingerprint(
     module: &CompiledModule,
     keys: Option<&AffinityKeys>,
-    req: &RequestHeader,
+    req: &impl RequestCookies,
 ) -> String {
     let id = module
         .spec
         .session_cookies
         .iter()
-        .find_map(|name| find_cookie(req, name));
+        .find_map(|name| req.cookie(name));
     match (id, keys) {
         (Some(id), Some(keys)) => keys.session_fingerprint(id),
         _ => "-".to_string(),
     }
+}
+
+/// The routing cookie to set when the request needs a (new or re-signed) pin: the
+/// `Set-Cookie` value, or `None` when the client's cookie is current.
+pub(crate) fn routing_cookie(
+    module: &CompiledModule,
+    aff: &ModuleAffinity,
+    instance: usize,
+    decision: Affinity,
+    prefix_index: u16,
+    tls: bool,
+) -> Option<String> {
+    if decision == Affinity::Kept {
+        return None;
+    }
+    if decision == Affinity::New {
+        ModuleStats::bump(&module.stats.affinity_new);
+    }
+    let path = module
+        .spec
+        .prefixes
+        .get(prefix_index as usize)
+        .map_or("/", |p| p.as_str());
+    let mut cookie = format!(
+        "{}={}; Path={path}; HttpOnly; SameSite=Lax",
+        aff.spec.cookie, aff.cookie_values[instance]
+    );
+    if tls {
+        cookie.push_str("; Secure");
+    }
+    if let Some(max_age) = aff.spec.max_age {
+        cookie.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+    }
+    Some(cookie)
+}
+
+/// Whether the backend's session cookies get `Secure`/`SameSite` added on this response.
+pub(crate) fn hardens_session_cookies(aff: &ModuleAffinity, tls: bool) -> bool {
+    tls && (aff.spec.secure_session_cookies || aff.spec.session_cookie_samesite.is_some())
+}
+
+/// A backend `Set-Cookie` value with `Secure` and the configured `SameSite` added, when it
+/// sets one of the module's session cookies and lacks them; `None` leaves it as it is.
+/// Never adds `HttpOnly`: LibreEHR's JavaScript rewrites its cookie.
+pub(crate) fn hardened_session_cookie(
+    module: &CompiledModule,
+    aff: &ModuleAffinity,
+    value: &[u8],
+) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (name, _) = text.split_once('=')?;
+    if !module.spec.session_cookies.iter().any(|c| c == name.trim()) {
+        return None;
+    }
+    let lower = text.to_ascii_lowercase();
+    let has = |attr: &str| lower.split(';').any(|a| a.trim().starts_with(attr));
+    let mut out = text.to_string();
+    if aff.spec.secure_session_cookies && !has("secure") {
+        out.push_str("; Secure");
+    }
+    if let Some(same_site) = aff.spec.session_cookie_samesite {
+        if !has("samesite") {
+            out.push_str("; SameSite=");
+            out.push_str(same_site.as_str());
+        }
+    }
+    (out.len() != text.len()).then_some(out)
 }
 
 /// Sets the routing cookie when the request needs a (new or re-signed) pin, and adds
@@ -130,51 +208,27 @@ pub(crate) fn decorate_response(
     prefix_index: u16,
     tls: bool,
 ) {
-    if decision != Affinity::Kept {
-        if decision == Affinity::New {
-            ModuleStats::bump(&module.stats.affinity_new);
-        }
-        let path = module
-            .spec
-            .prefixes
-            .get(prefix_index as usize)
-            .map_or("/", |p| p.as_str());
-        let mut cookie = format!(
-            "{}={}; Path={path}; HttpOnly; SameSite=Lax",
-            aff.spec.cookie, aff.cookie_values[instance]
-        );
-        if tls {
-            cookie.push_str("; Secure");
-        }
-        if let Some(max_age) = aff.spec.max_age {
-            cookie.push_str(&format!("; Max-Age={}", max_age.as_secs()));
-        }
+    if let Some(cookie) = routing_cookie(module, aff, instance, decision, prefix_index, tls) {
         let _ = resp.append_header(header::SET_COOKIE, cookie);
     }
-    if tls && (aff.spec.secure_session_cookies || aff.spec.session_cookie_samesite.is_some()) {
+    if hardens_session_cookies(aff, tls) {
         harden_session_cookies(module, aff, resp);
     }
 }
 
-/// Adds `Secure` and a `SameSite` value to the backend's own session cookies. Never adds
-/// `HttpOnly`: LibreEHR's JavaScript rewrites its cookie.
+/// Rewrites the response's `Set-Cookie` fields with [`hardened_session_cookie`].
 fn harden_session_cookies(
     module: &CompiledModule,
     aff: &ModuleAffinity,
     resp: &mut ResponseHeader,
 ) {
-    let is_session_cookie = |v: &HeaderValue| {
-        v.to_str()
-            .ok()
-            .and_then(|s| s.split_once('='))
-            .is_some_and(|(name, _)| module.spec.session_cookies.iter().any(|c| c == name.trim()))
-    };
-    if !resp
+    let rewritten: Vec<Option<String>> = resp
         .headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .any(is_session_cookie)
-    {
+        .map(|v| hardened_session_cookie(module, aff, v.as_bytes()))
+        .collect();
+    if rewritten.iter().all(Option::is_none) {
         return;
     }
     let values: Vec<HeaderValue> = resp
@@ -184,23 +238,14 @@ fn harden_session_cookies(
         .cloned()
         .collect();
     resp.remove_header(&header::SET_COOKIE);
-    for v in values {
-        if !is_session_cookie(&v) {
-            let _ = resp.append_header(header::SET_COOKIE, v);
-            continue;
-        }
-        let mut text = v.to_str().unwrap_or_default().to_string();
-        let lower = text.to_ascii_lowercase();
-        let has = |attr: &str| lower.split(';').any(|a| a.trim().starts_with(attr));
-        if aff.spec.secure_session_cookies && !has("secure") {
-            text.push_str("; Secure");
-        }
-        if let Some(same_site) = aff.spec.session_cookie_samesite {
-            if !has("samesite") {
-                text.push_str("; SameSite=");
-                text.push_str(same_site.as_str());
+    for (v, new) in values.into_iter().zip(rewritten) {
+        match new {
+            Some(text) => {
+                let _ = resp.append_header(header::SET_COOKIE, text);
+            }
+            None => {
+                let _ = resp.append_header(header::SET_COOKIE, v);
             }
         }
-        let _ = resp.append_header(header::SET_COOKIE, text);
     }
 }

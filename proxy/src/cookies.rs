@@ -1,17 +1,27 @@
-//! Reading cookies from request headers without allocating.
+//! Reading cookies from request headers without allocating, whichever way the request was
+//! parsed: Pingora's [`RequestHeader`] or the HTTP/1 fast path's borrowed header list.
 use pingora_http::RequestHeader;
 
-/// The value of the first cookie named `name` in any `Cookie` header.
-pub fn find_cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
-    req.headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+/// The value of the first cookie named `name` in the given `Cookie` header values.
+pub fn find_cookie_in<'r>(values: impl Iterator<Item = &'r [u8]>, name: &str) -> Option<&'r str> {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
             (k == name).then_some(v.trim_matches('"'))
         })
+}
+
+/// The value of the first cookie named `name` in any `Cookie` header.
+pub fn find_cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
+    find_cookie_in(
+        req.headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes()),
+        name,
+    )
 }
 
 #[cfg(test)]

@@ -30,12 +30,17 @@ pub fn is_well_formed_request_id(v: &[u8]) -> bool {
 
 /// A new random request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let n: u128 = rand::random();
     let mut buf = [0u8; 32];
+    fill_request_id(&mut buf);
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+/// Writes a new random request id (32 lowercase hex digits) into `buf`.
+pub fn fill_request_id(buf: &mut [u8; 32]) {
+    let n: u128 = rand::random();
     for (i, b) in buf.iter_mut().enumerate() {
         *b = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
 }
 
 /// What the forwarding headers are built from.
@@ -147,7 +152,7 @@ pub fn has_hop_by_hop(req: &RequestHeader) -> bool {
 
 /// Writes `ip` as text into `buf`, returning the length. IPv4 by hand (core::fmt costs about
 /// a thousand instructions per address, a tenth of that here); IPv6 through `Display`.
-fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
+pub(crate) fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
     match ip {
         IpAddr::V4(v4) => {
             let mut n = 0;

@@ -34,7 +34,30 @@ use crate::{
 };
 
 /// Most connect retries a request can make (bounded by the module's `retries`, at most 10).
-const MAX_ATTEMPTS: usize = 11;
+pub(crate) const MAX_ATTEMPTS: usize = 11;
+
+/// A failed connect to instance `index` of `m`, after `attempts` attempts: counts against
+/// the instance (`max_fails` takes it down) and says whether the request may try another
+/// instance (the module's `retries` allow it and one is left untried).
+pub(crate) fn connect_failed(m: &CompiledModule, index: usize, attempts: usize) -> bool {
+    let inst = &m.instances[index];
+    let hc = &m.spec.health_check;
+    if inst
+        .state
+        .record_request_failure(hc.max_fails, hc.fail_timeout)
+    {
+        ModuleStats::bump(&m.stats.passive_ejections);
+        tracing::warn!(module = %m.spec.name, instance = %inst.spec.id, addr = %inst.spec.addr,
+            "instance marked down after {} failed connects", hc.max_fails);
+    }
+    let retries_left = attempts <= m.spec.retries as usize && attempts < MAX_ATTEMPTS;
+    if retries_left && attempts < m.instances.len() {
+        ModuleStats::bump(&m.stats.retries);
+        true
+    } else {
+        false
+    }
+}
 
 /// Process-wide counters that belong to no module.
 #[derive(Debug, Default)]
@@ -131,6 +154,12 @@ fn request_host(req: &RequestHeader) -> std::borrow::Cow<'_, str> {
         .map(|a| a.as_str())
         .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or("");
+    route_host(raw)
+}
+
+/// The host a `Host` value routes by: lowercase, without port or trailing dot. Borrowed
+/// unless it had uppercase.
+pub(crate) fn route_host(raw: &str) -> std::borrow::Cow<'_, str> {
     let host = if raw.starts_with('[') {
         raw.split_inclusive(']').next().unwrap_or(raw)
     } else {
@@ -172,11 +201,11 @@ impl SpaceProxy {
             resp.insert_header(k, v)?;
         }
         self.decorate_response(&mut resp, ctx);
-        session.set_keepalive(if status >= 400 && status != 404 {
-            None
-        } else {
-            Some(self.keepalive_secs())
-        });
+        if status >= 400 && status != 404 {
+            session.set_keepalive(None);
+        } else if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.keepalive_secs()));
+        }
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
@@ -284,7 +313,9 @@ impl ProxyHttp for SpaceProxy {
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         if self.state.shutting_down.load(Ordering::Relaxed) {
             session.set_keepalive(None);
-        } else {
+        } else if session.get_keepalive().is_some() {
+            // Only where the client allows it: Pingora has already turned keep-alive off for
+            // `Connection: close` and for HTTP/1.0 without `Connection: keep-alive`.
             session.set_keepalive(Some(self.keepalive_secs()));
         }
 
@@ -525,24 +556,7 @@ impl ProxyHttp for SpaceProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let (Some(i), Some(m)) = (ctx.current, ctx.module()) {
-            let inst = &m.instances[i as usize];
-            let hc = &m.spec.health_check;
-            if inst
-                .state
-                .record_request_failure(hc.max_fails, hc.fail_timeout)
-            {
-                ModuleStats::bump(&m.stats.passive_ejections);
-                tracing::warn!(module = %m.spec.name, instance = %inst.spec.id, addr = %inst.spec.addr,
-                    "instance marked down after {} failed connects", hc.max_fails);
-            }
-            let retries_left =
-                ctx.attempts <= m.spec.retries as usize && ctx.attempts < MAX_ATTEMPTS;
-            if retries_left && ctx.attempts < m.instances.len() {
-                ModuleStats::bump(&m.stats.retries);
-                e.set_retry(true);
-            } else {
-                e.set_retry(false);
-            }
+            e.set_retry(connect_failed(m, i as usize, ctx.attempts));
         }
         e
     }
@@ -726,25 +740,62 @@ fn access_log(
         (Some(m), Some(&i)) if ctx.attempts > 0 => m.instances[i as usize].spec.id.as_str(),
         _ => "-",
     };
-    let client = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    tracing::info!(
-        target: "access",
-        client = %client,
-        method = %req.method,
-        path = %req.uri.path(),
-        status = status,
-        module = module.map_or("-", |m| m.spec.name.as_str()),
-        instance = instance,
-        attempts = ctx.attempts,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        body_bytes = ctx.body_bytes,
-        tls = ctx.tls,
-        request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        local = ctx.local_reason,
-        error = e.map(|e| e.etype().as_str()).unwrap_or(""),
-    );
+    AccessLine {
+        client: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        status,
+        module: module.map_or("-", |m| m.spec.name.as_str()),
+        instance,
+        attempts: ctx.attempts,
+        elapsed,
+        body_bytes: ctx.body_bytes,
+        tls: ctx.tls,
+        request_id: ctx.request_id.as_ref().map_or(&b"-"[..], |v| v.as_bytes()),
+        local: ctx.local_reason,
+        error: e.map(|e| e.etype().as_str()).unwrap_or(""),
+    }
+    .emit();
+}
+
+/// One access-log line (target `access`). PHI-safe: the path without its query string, and
+/// no cookie or credential values.
+pub(crate) struct AccessLine<'a> {
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub module: &'a str,
+    pub instance: &'a str,
+    pub attempts: usize,
+    pub elapsed: Duration,
+    pub body_bytes: u64,
+    pub tls: bool,
+    pub request_id: &'a [u8],
+    pub local: &'a str,
+    pub error: &'a str,
+}
+
+impl AccessLine<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "access",
+            client = %self.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            module = self.module,
+            instance = self.instance,
+            attempts = self.attempts,
+            duration_ms = self.elapsed.as_secs_f64() * 1000.0,
+            body_bytes = self.body_bytes,
+            tls = self.tls,
+            request_id = std::str::from_utf8(self.request_id).unwrap_or("-"),
+            local = self.local,
+            error = self.error,
+        );
+    }
 }
