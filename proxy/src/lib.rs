@@ -9,6 +9,7 @@ mod affinity;
 pub mod cli;
 pub mod cookies;
 pub mod demo;
+mod h1;
 pub mod headers;
 pub mod health;
 mod listening;

@@ -149,15 +149,20 @@ pub fn run(config: Config, extra: ExtraServices) -> anyhow::Result<()> {
 
     let mut options = HttpServerOptions::default();
     options.h2c = config.listeners.h2c;
-    let mut proxy = pingora_proxy::ProxyServiceBuilder::new(
+    // HTTP/1.1 requests take SPACE's own request loop; Pingora's request path serves what
+    // that loop hands it (refusals, retries, HTTP/1.0, chunked uploads, upgrades) and HTTP/2.
+    let h2c = options.h2c;
+    let mut fallback = pingora_proxy::http_proxy(
         &server.configuration,
         SpaceProxy {
             state: state.clone(),
         },
-    )
-    .name("space proxy")
-    .server_options(options)
-    .build();
+    );
+    fallback.server_options = Some(options);
+    let mut proxy = Service::new(
+        "space proxy".to_string(),
+        crate::h1::SpaceApp::new(state.clone(), fallback, h2c),
+    );
     if let Some(addr) = config.listeners.http {
         proxy.add_tcp(&addr.to_string());
     }

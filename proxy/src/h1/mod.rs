@@ -1,0 +1,885 @@
+//! SPACE's own HTTP/1.1 request loop: the fast path for the requests an EHR sends all day.
+//!
+//! Pingora's proxy framework spends about 80 thousand instructions on a keep-alive request
+//! (docs/benchmarks.md): a boxed request future, header maps built and copied, a connection
+//! pool with a task and channels per release, several timers. This loop does the same job
+//! for the common request with per-connection buffers: the head is parsed in place, the
+//! backend's head is written field by field from it, idle backend connections wait in a
+//! thread-local list, and the response head is rewritten into the same output buffer.
+//!
+//! It serves a request only when everything goes to plan: a head it parses (see
+//! [`request::parse`]), a route, no deny rule, a body within the limit, an instance to send
+//! it to, a connection to that instance. Otherwise the connection, with every byte already
+//! read, is handed to Pingora's request path (`SpaceProxy`), which owns refusals (400, 404,
+//! 413, 431, 503), redirects, retries after a failed connect, HTTP/1.0, chunked uploads,
+//! `Expect`, upgrades (WebSocket) and HTTP/2. After Pingora finishes a keep-alive request the
+//! connection comes back here. Both paths route with the same table, pick instances with the
+//! same picker and affinity, write the same forwarding headers and count into the same
+//! metrics and access log.
+mod pool;
+mod request;
+mod response;
+
+use std::{
+    borrow::Cow,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora_core::{
+    apps::{HttpServerApp, ServerApp},
+    protocols::{http::ServerSession, l4, Stream, ALPN},
+    server::ShutdownWatch,
+};
+use pingora_proxy::HttpProxy;
+use space_registry::{CompiledModule, ModuleStats, PickKey, ServerSettings};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+use crate::{
+    affinity,
+    headers::{fill_request_id, is_well_formed_request_id},
+    path::normalize_path,
+    service::{
+        connect_failed, route_host, AccessLine, Affinity, ProxyState, SpaceProxy, MAX_ATTEMPTS,
+    },
+};
+use request::{RequestHead, MAX_HEADERS};
+use response::{ChunkedEnd, Decorations, Framing, Parsed};
+
+/// Largest backend response head relayed; a larger one is answered 502.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Request bodies up to this size travel in the same write as the head.
+const INLINE_BODY: usize = 16 * 1024;
+/// Read buffers grow by this much.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The proxy's listener application: HTTP/1.1 here, everything else through Pingora.
+pub struct SpaceApp {
+    state: Arc<ProxyState>,
+    fallback: Arc<HttpProxy<SpaceProxy>>,
+    h2c: bool,
+}
+
+impl SpaceApp {
+    pub fn new(state: Arc<ProxyState>, fallback: HttpProxy<SpaceProxy>, h2c: bool) -> Self {
+        SpaceApp {
+            state,
+            fallback: Arc::new(fallback),
+            h2c,
+        }
+    }
+}
+
+/// One client connection and its buffers, reused by every request on it.
+struct Conn {
+    stream: Stream,
+    /// Client bytes not yet consumed: the current request's head and body, or the next one.
+    buf: Vec<u8>,
+    /// Heads being written: to the backend, then to the client.
+    out: Vec<u8>,
+    /// Backend bytes; the client's body bytes while they are relayed.
+    rbuf: Vec<u8>,
+    tls: bool,
+    client_ip: Option<IpAddr>,
+    trusted: bool,
+}
+
+impl Conn {
+    fn new(stream: Stream, server: &ServerSettings) -> Self {
+        let tls = stream.get_ssl_digest().is_some();
+        let client_ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let trusted = client_ip.is_some_and(|ip| server.is_trusted_proxy(ip));
+        Conn {
+            stream,
+            buf: Vec::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(4096),
+            rbuf: Vec::with_capacity(READ_CHUNK),
+            tls,
+            client_ip,
+            trusted,
+        }
+    }
+}
+
+/// What happens to the connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Pingora takes the connection, starting with the bytes in `buf`.
+    HandOff,
+}
+
+/// Why a request failed once it had left for the backend.
+#[derive(Debug)]
+enum Failure {
+    /// A reused backend connection was closed before it answered anything: try a new one.
+    Stale,
+    Timeout,
+    Upstream(&'static str),
+    /// The client went away or stalled.
+    Client,
+}
+
+#[async_trait]
+impl ServerApp for SpaceApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.fallback.process_new(stream, shutdown).await;
+        }
+        let mut conn = Conn::new(stream, &self.state.server);
+        loop {
+            match self.serve(&mut conn, shutdown).await {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    let _ = AsyncWriteExt::shutdown(&mut conn.stream).await;
+                    return None;
+                }
+                Next::HandOff => {
+                    let Conn { stream, buf, .. } = conn;
+                    let stream = self.hand_off(stream, buf, shutdown).await?;
+                    conn = Conn::new(stream, &self.state.server);
+                }
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.fallback.http_cleanup().await;
+    }
+}
+
+impl SpaceApp {
+    fn shutting_down(&self, shutdown: &ShutdownWatch) -> bool {
+        *shutdown.borrow() || self.state.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Gives the connection to Pingora with the bytes already read. An h2c preface goes
+    /// back into the socket's read buffer for Pingora's HTTP/2 server; HTTP/1 bytes become
+    /// the start of Pingora's next request. Returns the connection when Pingora hands it
+    /// back after a keep-alive request.
+    async fn hand_off(
+        &self,
+        stream: Stream,
+        read: Vec<u8>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if self.h2c && stream.get_ssl_digest().is_none() && read.starts_with(b"PRI * HTTP/2.0") {
+            let mut plain = stream.into_any().downcast::<l4::stream::Stream>().ok()?;
+            plain.rewind(&read);
+            self.fallback.process_new(plain, shutdown).await;
+            return None;
+        }
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(Some(self.state.server.client_idle_timeout.as_secs().max(1)));
+        if !read.is_empty() {
+            session.set_pipelined_prefix(BytesMut::from(&read[..]));
+        }
+        let reused = self.fallback.process_new_http(session, shutdown).await?;
+        // Pingora's pipelining is off, so no bytes of a next request come back with it.
+        let (stream, _settings) = reused.consume();
+        Some(stream)
+    }
+
+    /// Serves requests on the connection until it closes or goes to Pingora.
+    async fn serve(&self, c: &mut Conn, shutdown: &ShutdownWatch) -> Next {
+        loop {
+            match self.serve_one(c, shutdown).await {
+                Next::KeepAlive => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads one request head and serves the request, or says why not.
+    async fn serve_one(&self, c: &mut Conn, shutdown: &ShutdownWatch) -> Next {
+        let server = &self.state.server;
+        let Conn {
+            stream,
+            buf,
+            out,
+            rbuf,
+            tls,
+            client_ip,
+            trusted,
+        } = c;
+        let (tls, client_ip, trusted) = (*tls, *client_ip, *trusted);
+        // 1. A complete head.
+        let head_end = loop {
+            if !buf.is_empty() {
+                if let Some(n) = request::head_end(buf) {
+                    break n;
+                }
+            }
+            if buf.len() > server.max_header_size {
+                return Next::HandOff;
+            }
+            if buf.is_empty() && self.shutting_down(shutdown) {
+                return Next::Close;
+            }
+            match read_some(stream, buf, server.client_idle_timeout).await {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(_) => {}
+            }
+        };
+        if head_end > server.max_header_size {
+            return Next::HandOff;
+        }
+        let started = Instant::now();
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let Ok(head) = request::parse(buf, &mut headers) else {
+            return Next::HandOff;
+        };
+
+        // 2. Route, as SpaceProxy::request_filter does; anything it would refuse goes there.
+        if !tls && self.state.listeners.redirect_to_https && self.state.listeners.https.is_some() {
+            return Next::HandOff;
+        }
+        let Ok(Cow::Borrowed(path)) = normalize_path(head.path) else {
+            return Next::HandOff;
+        };
+        let table = self.state.routes.load();
+        let host = route_host(head.host);
+        let Some(route) = table.lookup(&host, path) else {
+            return Next::HandOff;
+        };
+        let module = route.module;
+        if (module.spec.strip_prefix && route.prefix_len > 1)
+            || module.spec.deny.is_denied(path)
+            || head.content_length > module.spec.max_body_size
+        {
+            return Next::HandOff;
+        }
+
+        let _in_flight = InFlight::begin(&self.state);
+        let mut id_buf = [0u8; 32];
+        let request_id: &[u8] = match head.values("x-request-id").next() {
+            Some(v) if is_well_formed_request_id(v) => v,
+            _ => {
+                fill_request_id(&mut id_buf);
+                &id_buf
+            }
+        };
+        let t = &module.spec.timeouts;
+        let unread_body = head
+            .content_length
+            .saturating_sub((buf.len() - head.len) as u64);
+
+        // 3. Pick an instance and connect, as SpaceProxy::upstream_peer and fail_to_connect
+        // do: a failed connect counts against the instance and moves to another while the
+        // module's `retries` allow.
+        let mut tried = [0u32; MAX_ATTEMPTS];
+        let mut attempts = 0;
+        let mut decision = Affinity::Off;
+        let (index, mut upstream, mut reused, _attempt) = loop {
+            let excluded = &tried[..attempts];
+            let mut chosen = None;
+            if module.affinity.is_some() {
+                (chosen, decision) =
+                    affinity::choose(module, table.affinity_keys(), &head, excluded, decision);
+            }
+            let chosen = chosen.or_else(|| {
+                let key = match &module.spec.load_balancing {
+                    space_modules::LoadBalancing::ConsistentHash(on) => {
+                        hash_key(on, client_ip, &head)
+                    }
+                    _ => None,
+                };
+                module
+                    .picker
+                    .pick(&module.instances, key, |i| excluded.contains(&(i as u32)))
+            });
+            let Some(index) = chosen else {
+                if attempts == 0 {
+                    // Pingora's path answers 503 and counts it.
+                    return Next::HandOff;
+                }
+                ModuleStats::bump(&module.stats.no_instance);
+                return self
+                    .refuse(
+                        Io { stream, out, rbuf },
+                        (client_ip, tls),
+                        &head,
+                        module,
+                        ("-", attempts),
+                        503,
+                        started,
+                        request_id,
+                        unread_body,
+                    )
+                    .await;
+            };
+            tried[attempts] = index as u32;
+            attempts += 1;
+            let attempt = Attempt::begin(module, index);
+            let addr = module.instances[index].spec.addr;
+            if let Some(s) = pool::take(addr, t.idle, started) {
+                break (index, s, true, attempt);
+            }
+            match connect(addr, t.connect).await {
+                Ok(s) => break (index, s, false, attempt),
+                Err(_) => {
+                    drop(attempt);
+                    if !connect_failed(module, index, attempts) {
+                        return self
+                            .refuse(
+                                Io { stream, out, rbuf },
+                                (client_ip, tls),
+                                &head,
+                                module,
+                                (module.instances[index].spec.id.as_str(), attempts),
+                                502,
+                                started,
+                                request_id,
+                                unread_body,
+                            )
+                            .await;
+                    }
+                }
+            }
+        };
+        let instance = &module.instances[index];
+        let addr = instance.spec.addr;
+        let prefix_index = if module.affinity.is_some() {
+            module
+                .spec
+                .prefixes
+                .iter()
+                .position(|p| p.as_str().len() == route.prefix_len && p.matches(path))
+                .unwrap_or(0) as u16
+        } else {
+            0
+        };
+
+        // 4. The backend's head, with as much of the body as is already here.
+        out.clear();
+        request::write_upstream_head(
+            out,
+            &head,
+            &request::Forwarding {
+                client_ip,
+                trusted,
+                proto: if tls { "https" } else { "http" },
+                request_id,
+            },
+        );
+        let body_here = (buf.len() - head.len).min(head.content_length as usize);
+        let body_rest = head.content_length - body_here as u64;
+        let consumed = head.len + body_here;
+        let request_sent_whole = body_rest == 0 && body_here <= INLINE_BODY;
+        let request_len = out.len();
+        let body = &buf[head.len..consumed];
+        let mut leftover = Vec::new();
+
+        let routing_cookie = module
+            .affinity
+            .as_ref()
+            .and_then(|a| affinity::routing_cookie(module, a, index, decision, prefix_index, tls));
+        let harden = |v: &[u8]| {
+            module
+                .affinity
+                .as_ref()
+                .and_then(|a| affinity::hardened_session_cookie(module, a, v))
+        };
+        let hardens = module
+            .affinity
+            .as_ref()
+            .is_some_and(|a| affinity::hardens_session_cookies(a, tls));
+        let close = head.close || self.shutting_down(shutdown);
+        let hsts = self
+            .state
+            .hsts
+            .as_ref()
+            .filter(|_| tls)
+            .map(|v| v.as_bytes());
+        let deco = Decorations {
+            request_id,
+            hsts,
+            routing_cookie: routing_cookie.as_deref(),
+            harden_cookie: if hardens { Some(&harden) } else { None },
+            close,
+        };
+
+        // 5. Send; read the response head. A reused connection the backend had closed is
+        // replaced once, when the whole request is still at hand.
+        let exchange = loop {
+            let attempt = send_and_read_head(
+                Io { stream, out, rbuf },
+                &mut upstream,
+                Body {
+                    here: body,
+                    rest: body_rest,
+                    leftover: &mut leftover,
+                },
+                request_len,
+                head.is_head(),
+                &deco,
+                t,
+                server.client_idle_timeout,
+            )
+            .await;
+            match attempt {
+                Err(Failure::Stale) if reused && request_sent_whole => {
+                    reused = false;
+                    match connect(addr, t.connect).await {
+                        Ok(s) => upstream = s,
+                        Err(_) => break Err(Failure::Upstream("connect failed")),
+                    }
+                }
+                other => break other,
+            }
+        };
+        let meta = match exchange {
+            Ok(meta) => meta,
+            Err(failure) => {
+                let status = match failure {
+                    Failure::Client => 0,
+                    Failure::Timeout => 504,
+                    Failure::Stale | Failure::Upstream(_) => 502,
+                };
+                if status > 0 {
+                    let _ = write_error(stream, out, status, request_id, t.write).await;
+                }
+                self.finish(
+                    (client_ip, tls),
+                    &head,
+                    module,
+                    instance.spec.id.as_str(),
+                    attempts,
+                    status,
+                    started.elapsed(),
+                    request_id,
+                    failure_reason(&failure),
+                );
+                return Next::Close;
+            }
+        };
+        instance.state.record_request_success();
+
+        // 6. The body, relayed as it comes.
+        let relayed = relay_body(Io { stream, out, rbuf }, &mut upstream, meta, t).await;
+        let done = Instant::now();
+        let backend_reusable = matches!(relayed, Ok(true)) && meta.backend_keepalive;
+        if backend_reusable {
+            pool::put(addr, upstream, server.upstream_keepalive_pool, done);
+        }
+        let error = match &relayed {
+            Ok(_) => "",
+            Err(f) => failure_reason(f),
+        };
+        self.finish(
+            (client_ip, tls),
+            &head,
+            module,
+            instance.spec.id.as_str(),
+            attempts,
+            meta.status,
+            done.duration_since(started),
+            request_id,
+            error,
+        );
+        if relayed.is_err() || close || meta.framing == Framing::UntilClose {
+            return Next::Close;
+        }
+        buf.drain(..consumed);
+        buf.extend_from_slice(&leftover);
+        Next::KeepAlive
+    }
+
+    /// Answers 502 (every connect failed) or 503 (no instance left to try) before anything
+    /// reached a backend, reads and discards what is left of the body (lingering close, as
+    /// SpaceProxy does), and closes.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse(
+        &self,
+        io: Io<'_>,
+        client: (Option<IpAddr>, bool),
+        head: &RequestHead<'_>,
+        module: &CompiledModule,
+        (instance, attempts): (&str, usize),
+        status: u16,
+        started: Instant,
+        request_id: &[u8],
+        unread_body: u64,
+    ) -> Next {
+        let Io { stream, out, rbuf } = io;
+        let limit = module.spec.timeouts.write;
+        if write_error(stream, out, status, request_id, limit)
+            .await
+            .is_ok()
+        {
+            let linger = self.state.server.lingering_time;
+            let mut left = unread_body;
+            let _ = timeout(linger, async {
+                while left > 0 {
+                    rbuf.clear();
+                    match read_some(stream, rbuf, linger).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n as u64),
+                    }
+                }
+            })
+            .await;
+        }
+        let reason = if status == 503 {
+            "no instance available"
+        } else {
+            "connect failed"
+        };
+        self.finish(
+            client,
+            head,
+            module,
+            instance,
+            attempts,
+            status,
+            started.elapsed(),
+            request_id,
+            reason,
+        );
+        Next::Close
+    }
+
+    /// Counts the response and writes the access-log line.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        (client_ip, tls): (Option<IpAddr>, bool),
+        head: &RequestHead<'_>,
+        module: &CompiledModule,
+        instance: &str,
+        attempts: usize,
+        status: u16,
+        elapsed: Duration,
+        request_id: &[u8],
+        error: &str,
+    ) {
+        module
+            .stats
+            .record_response(status, elapsed.as_micros() as u64);
+        if self.state.server.access_log {
+            AccessLine {
+                client: client_ip,
+                method: head.method,
+                path: head.path,
+                status,
+                module: module.spec.name.as_str(),
+                instance,
+                attempts,
+                elapsed,
+                body_bytes: head.content_length,
+                tls,
+                request_id,
+                local: "",
+                error,
+            }
+            .emit();
+        }
+    }
+}
+
+fn failure_reason(f: &Failure) -> &'static str {
+    match f {
+        Failure::Stale => "backend closed the connection",
+        Failure::Timeout => "backend timed out",
+        Failure::Upstream(why) => why,
+        Failure::Client => "client went away",
+    }
+}
+
+/// The client connection's stream and buffers, borrowed apart from its read buffer (which
+/// the parsed head borrows).
+struct Io<'a> {
+    stream: &'a mut Stream,
+    out: &'a mut Vec<u8>,
+    rbuf: &'a mut Vec<u8>,
+}
+
+/// The request body: the part already read, and how much more the client will send.
+struct Body<'a, 'b> {
+    here: &'a [u8],
+    rest: u64,
+    /// Bytes read past the body: the start of the client's next request.
+    leftover: &'b mut Vec<u8>,
+}
+
+/// Sends the request (head, then any body still arriving from the client) and reads the
+/// backend's head, writing the client's head into `io.out`.
+#[allow(clippy::too_many_arguments)]
+async fn send_and_read_head(
+    io: Io<'_>,
+    upstream: &mut TcpStream,
+    body: Body<'_, '_>,
+    request_len: usize,
+    request_is_head: bool,
+    deco: &Decorations<'_>,
+    t: &space_modules::Timeouts,
+    client_timeout: Duration,
+) -> Result<response::ResponseMeta, Failure> {
+    let Io { stream, out, rbuf } = io;
+    let Body {
+        here,
+        mut rest,
+        leftover,
+    } = body;
+    let stale = |e: io::Error| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Failure::Timeout
+        } else {
+            Failure::Stale
+        }
+    };
+    out.truncate(request_len);
+    if here.len() <= INLINE_BODY {
+        out.extend_from_slice(here);
+        write_flush(upstream, out, t.write).await.map_err(stale)?;
+    } else {
+        write_flush(upstream, out, t.write).await.map_err(stale)?;
+        write_flush(upstream, here, t.write)
+            .await
+            .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
+    }
+    while rest > 0 {
+        rbuf.clear();
+        match read_some(stream, rbuf, client_timeout).await {
+            Ok(0) | Err(_) => return Err(Failure::Client),
+            Ok(n) => {
+                let take = (n as u64).min(rest) as usize;
+                if take < n {
+                    leftover.extend_from_slice(&rbuf[take..n]);
+                }
+                rest -= take as u64;
+                write_flush(upstream, &rbuf[..take], t.write)
+                    .await
+                    .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
+            }
+        }
+    }
+    rbuf.clear();
+    loop {
+        match read_some(upstream, rbuf, t.read).await {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::Timeout),
+            Ok(0) | Err(_) if rbuf.is_empty() => return Err(Failure::Stale),
+            Ok(0) | Err(_) => return Err(Failure::Upstream("backend closed mid-head")),
+            Ok(_) => {}
+        }
+        loop {
+            out.clear();
+            match response::parse_and_rewrite(rbuf, request_is_head, deco, out) {
+                Ok(Parsed::Final(meta)) => return Ok(meta),
+                Ok(Parsed::Interim(n)) => {
+                    rbuf.drain(..n);
+                }
+                Ok(Parsed::Partial) if rbuf.len() > MAX_RESPONSE_HEAD => {
+                    return Err(Failure::Upstream("response head too large"))
+                }
+                Ok(Parsed::Partial) => break,
+                Err(why) => return Err(Failure::Upstream(why)),
+            }
+            if rbuf.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Writes the client's head (in `io.out`) and relays the body. `Ok(true)` when the backend
+/// sent exactly one response (its connection can serve another request).
+async fn relay_body(
+    io: Io<'_>,
+    upstream: &mut TcpStream,
+    meta: response::ResponseMeta,
+    t: &space_modules::Timeouts,
+) -> Result<bool, Failure> {
+    let Io { stream, out, rbuf } = io;
+    let here = &rbuf[meta.head_len..];
+    let mut chunked = ChunkedEnd::default();
+    let mut remaining = 0u64;
+    let (part, mut done) = match meta.framing {
+        Framing::Empty => (0, true),
+        Framing::Length(n) => {
+            let part = (here.len() as u64).min(n) as usize;
+            remaining = n - part as u64;
+            (part, remaining == 0)
+        }
+        Framing::Chunked => {
+            let part = chunked.feed(here).map_err(Failure::Upstream)?;
+            (part, chunked.is_done())
+        }
+        Framing::UntilClose => (here.len(), false),
+    };
+    let mut exact = part == here.len();
+    out.extend_from_slice(&rbuf[meta.head_len..meta.head_len + part]);
+    write_flush(stream, out, t.write)
+        .await
+        .map_err(|_| Failure::Client)?;
+    while !done {
+        rbuf.clear();
+        let n = match read_some(upstream, rbuf, t.read).await {
+            Ok(0) if meta.framing == Framing::UntilClose => break,
+            Ok(0) => return Err(Failure::Upstream("backend closed mid-body")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::Timeout),
+            Err(_) => return Err(Failure::Upstream("backend read failed mid-body")),
+        };
+        let take = match meta.framing {
+            Framing::Length(_) => {
+                let take = (n as u64).min(remaining) as usize;
+                remaining -= take as u64;
+                done = remaining == 0;
+                take
+            }
+            Framing::Chunked => {
+                let take = chunked.feed(&rbuf[..n]).map_err(Failure::Upstream)?;
+                done = chunked.is_done();
+                take
+            }
+            _ => n,
+        };
+        exact = take == n;
+        write_flush(stream, &rbuf[..take], t.write)
+            .await
+            .map_err(|_| Failure::Client)?;
+    }
+    Ok(exact)
+}
+
+/// Answers a request the backend failed, and closes.
+async fn write_error(
+    stream: &mut Stream,
+    out: &mut Vec<u8>,
+    status: u16,
+    request_id: &[u8],
+    limit: Duration,
+) -> io::Result<()> {
+    let (line, body): (&[u8], &[u8]) = match status {
+        503 => (
+            b"HTTP/1.1 503 Service Unavailable\r\n",
+            b"503 Service Unavailable: no healthy instance, try again shortly\n",
+        ),
+        504 => (
+            b"HTTP/1.1 504 Gateway Timeout\r\n",
+            b"504 Gateway Timeout: the module's instance did not answer in time\n",
+        ),
+        _ => (
+            b"HTTP/1.1 502 Bad Gateway\r\n",
+            b"502 Bad Gateway: the module's instance could not be reached\n",
+        ),
+    };
+    out.clear();
+    out.extend_from_slice(line);
+    request::push_field(out, b"content-type", b"text/plain; charset=utf-8");
+    request::push_field(out, b"content-length", body.len().to_string().as_bytes());
+    request::push_field(out, b"cache-control", b"no-store");
+    if status == 503 {
+        request::push_field(out, b"retry-after", b"5");
+    }
+    request::push_field(out, b"x-request-id", request_id);
+    request::push_field(out, b"connection", b"close");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    write_flush(stream, out, limit).await
+}
+
+fn hash_key(
+    on: &space_modules::HashOn,
+    client_ip: Option<IpAddr>,
+    head: &RequestHead<'_>,
+) -> Option<PickKey> {
+    use affinity::RequestCookies;
+    use space_modules::HashOn;
+    match on {
+        HashOn::ClientIp => client_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => PickKey::hash(&v4.octets()),
+            IpAddr::V6(v6) => PickKey::hash(&v6.octets()),
+        }),
+        HashOn::Header(name) => head.values(name).next().map(PickKey::hash),
+        HashOn::Cookie(name) => head.cookie(name).map(|v| PickKey::hash(v.as_bytes())),
+    }
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    let stream = timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads what is available (at least one byte, 0 at end of stream) onto the end of `buf`.
+/// The timer is armed only when the read has to wait.
+async fn read_some<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    match timeout(limit, r.read_buf(buf)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+    limit: Duration,
+) -> io::Result<()> {
+    match timeout(limit, async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Counts a request in flight (SIGTERM waits for none) for as long as it lives.
+struct InFlight<'a>(&'a ProxyState);
+
+impl<'a> InFlight<'a> {
+    fn begin(state: &'a ProxyState) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An instance's count of requests in flight (least-connections), for as long as it lives.
+struct Attempt<'a>(&'a space_registry::InstanceState);
+
+impl<'a> Attempt<'a> {
+    fn begin(module: &'a CompiledModule, index: usize) -> Self {
+        let state = &module.instances[index].state;
+        state.begin_request();
+        Attempt(state)
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.0.end_request();
+    }
+}
