@@ -16,6 +16,7 @@
 //! connection comes back here. Both paths route with the same table, pick instances with the
 //! same picker and affinity, write the same forwarding headers and count into the same
 //! metrics and access log.
+mod deadline;
 mod pool;
 mod request;
 mod response;
@@ -51,6 +52,7 @@ use crate::{
         connect_failed, route_host, AccessLine, Affinity, ProxyState, SpaceProxy, MAX_ATTEMPTS,
     },
 };
+use deadline::Watchdog;
 use request::{RequestHead, MAX_HEADERS};
 use response::{ChunkedEnd, Decorations, Framing, Parsed};
 
@@ -90,6 +92,10 @@ struct Conn {
     tls: bool,
     client_ip: Option<IpAddr>,
     trusted: bool,
+    /// Timeouts of reads and writes towards the client.
+    client_timer: Watchdog,
+    /// Timeouts of reads and writes towards the backend.
+    backend_timer: Watchdog,
 }
 
 impl Conn {
@@ -107,6 +113,8 @@ impl Conn {
             tls,
             client_ip,
             trusted,
+            client_timer: Watchdog::default(),
+            backend_timer: Watchdog::default(),
         }
     }
 }
@@ -215,6 +223,8 @@ impl SpaceApp {
             tls,
             client_ip,
             trusted,
+            client_timer,
+            backend_timer,
         } = c;
         let (tls, client_ip, trusted) = (*tls, *client_ip, *trusted);
         // 1. A complete head.
@@ -230,7 +240,7 @@ impl SpaceApp {
             if buf.is_empty() && self.shutting_down(shutdown) {
                 return Next::Close;
             }
-            match read_some(stream, buf, server.client_idle_timeout).await {
+            match read_some(stream, buf, client_timer, server.client_idle_timeout).await {
                 Ok(0) | Err(_) => return Next::Close,
                 Ok(_) => {}
             }
@@ -310,7 +320,13 @@ impl SpaceApp {
                 ModuleStats::bump(&module.stats.no_instance);
                 return self
                     .refuse(
-                        Io { stream, out, rbuf },
+                        Io {
+                            stream,
+                            out,
+                            rbuf,
+                            client_timer,
+                            backend_timer,
+                        },
                         (client_ip, tls),
                         &head,
                         module,
@@ -336,7 +352,13 @@ impl SpaceApp {
                     if !connect_failed(module, index, attempts) {
                         return self
                             .refuse(
-                                Io { stream, out, rbuf },
+                                Io {
+                                    stream,
+                                    out,
+                                    rbuf,
+                                    client_timer,
+                                    backend_timer,
+                                },
                                 (client_ip, tls),
                                 &head,
                                 module,
@@ -417,7 +439,13 @@ impl SpaceApp {
         // replaced once, when the whole request is still at hand.
         let exchange = loop {
             let attempt = send_and_read_head(
-                Io { stream, out, rbuf },
+                Io {
+                    stream,
+                    out,
+                    rbuf,
+                    client_timer,
+                    backend_timer,
+                },
                 &mut upstream,
                 Body {
                     here: body,
@@ -451,7 +479,8 @@ impl SpaceApp {
                     Failure::Stale | Failure::Upstream(_) => 502,
                 };
                 if status > 0 {
-                    let _ = write_error(stream, out, status, request_id, t.write).await;
+                    let _ =
+                        write_error(stream, out, client_timer, status, request_id, t.write).await;
                 }
                 self.finish(
                     (client_ip, tls),
@@ -470,7 +499,19 @@ impl SpaceApp {
         instance.state.record_request_success();
 
         // 6. The body, relayed as it comes.
-        let relayed = relay_body(Io { stream, out, rbuf }, &mut upstream, meta, t).await;
+        let relayed = relay_body(
+            Io {
+                stream,
+                out,
+                rbuf,
+                client_timer,
+                backend_timer,
+            },
+            &mut upstream,
+            meta,
+            t,
+        )
+        .await;
         let done = Instant::now();
         let backend_reusable = matches!(relayed, Ok(true)) && meta.backend_keepalive;
         if backend_reusable {
@@ -515,9 +556,15 @@ impl SpaceApp {
         request_id: &[u8],
         unread_body: u64,
     ) -> Next {
-        let Io { stream, out, rbuf } = io;
+        let Io {
+            stream,
+            out,
+            rbuf,
+            client_timer,
+            ..
+        } = io;
         let limit = module.spec.timeouts.write;
-        if write_error(stream, out, status, request_id, limit)
+        if write_error(stream, out, client_timer, status, request_id, limit)
             .await
             .is_ok()
         {
@@ -526,7 +573,7 @@ impl SpaceApp {
             let _ = timeout(linger, async {
                 while left > 0 {
                     rbuf.clear();
-                    match read_some(stream, rbuf, linger).await {
+                    match read_some(stream, rbuf, client_timer, linger).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => left = left.saturating_sub(n as u64),
                     }
@@ -606,6 +653,8 @@ struct Io<'a> {
     stream: &'a mut Stream,
     out: &'a mut Vec<u8>,
     rbuf: &'a mut Vec<u8>,
+    client_timer: &'a mut Watchdog,
+    backend_timer: &'a mut Watchdog,
 }
 
 /// The request body: the part already read, and how much more the client will send.
@@ -629,7 +678,13 @@ async fn send_and_read_head(
     t: &space_modules::Timeouts,
     client_timeout: Duration,
 ) -> Result<response::ResponseMeta, Failure> {
-    let Io { stream, out, rbuf } = io;
+    let Io {
+        stream,
+        out,
+        rbuf,
+        client_timer,
+        backend_timer,
+    } = io;
     let Body {
         here,
         mut rest,
@@ -645,16 +700,20 @@ async fn send_and_read_head(
     out.truncate(request_len);
     if here.len() <= INLINE_BODY {
         out.extend_from_slice(here);
-        write_flush(upstream, out, t.write).await.map_err(stale)?;
+        write_flush(upstream, out, backend_timer, t.write)
+            .await
+            .map_err(stale)?;
     } else {
-        write_flush(upstream, out, t.write).await.map_err(stale)?;
-        write_flush(upstream, here, t.write)
+        write_flush(upstream, out, backend_timer, t.write)
+            .await
+            .map_err(stale)?;
+        write_flush(upstream, here, backend_timer, t.write)
             .await
             .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
     }
     while rest > 0 {
         rbuf.clear();
-        match read_some(stream, rbuf, client_timeout).await {
+        match read_some(stream, rbuf, client_timer, client_timeout).await {
             Ok(0) | Err(_) => return Err(Failure::Client),
             Ok(n) => {
                 let take = (n as u64).min(rest) as usize;
@@ -662,7 +721,7 @@ async fn send_and_read_head(
                     leftover.extend_from_slice(&rbuf[take..n]);
                 }
                 rest -= take as u64;
-                write_flush(upstream, &rbuf[..take], t.write)
+                write_flush(upstream, &rbuf[..take], backend_timer, t.write)
                     .await
                     .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
             }
@@ -670,7 +729,7 @@ async fn send_and_read_head(
     }
     rbuf.clear();
     loop {
-        match read_some(upstream, rbuf, t.read).await {
+        match read_some(upstream, rbuf, backend_timer, t.read).await {
             Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::Timeout),
             Ok(0) | Err(_) if rbuf.is_empty() => return Err(Failure::Stale),
             Ok(0) | Err(_) => return Err(Failure::Upstream("backend closed mid-head")),
@@ -704,7 +763,13 @@ async fn relay_body(
     meta: response::ResponseMeta,
     t: &space_modules::Timeouts,
 ) -> Result<bool, Failure> {
-    let Io { stream, out, rbuf } = io;
+    let Io {
+        stream,
+        out,
+        rbuf,
+        client_timer,
+        backend_timer,
+    } = io;
     let here = &rbuf[meta.head_len..];
     let mut chunked = ChunkedEnd::default();
     let mut remaining = 0u64;
@@ -723,12 +788,12 @@ async fn relay_body(
     };
     let mut exact = part == here.len();
     out.extend_from_slice(&rbuf[meta.head_len..meta.head_len + part]);
-    write_flush(stream, out, t.write)
+    write_flush(stream, out, client_timer, t.write)
         .await
         .map_err(|_| Failure::Client)?;
     while !done {
         rbuf.clear();
-        let n = match read_some(upstream, rbuf, t.read).await {
+        let n = match read_some(upstream, rbuf, backend_timer, t.read).await {
             Ok(0) if meta.framing == Framing::UntilClose => break,
             Ok(0) => return Err(Failure::Upstream("backend closed mid-body")),
             Ok(n) => n,
@@ -750,7 +815,7 @@ async fn relay_body(
             _ => n,
         };
         exact = take == n;
-        write_flush(stream, &rbuf[..take], t.write)
+        write_flush(stream, &rbuf[..take], client_timer, t.write)
             .await
             .map_err(|_| Failure::Client)?;
     }
@@ -761,6 +826,7 @@ async fn relay_body(
 async fn write_error(
     stream: &mut Stream,
     out: &mut Vec<u8>,
+    timer: &mut Watchdog,
     status: u16,
     request_id: &[u8],
     limit: Duration,
@@ -791,7 +857,7 @@ async fn write_error(
     request::push_field(out, b"connection", b"close");
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-    write_flush(stream, out, limit).await
+    write_flush(stream, out, timer, limit).await
 }
 
 fn hash_key(
@@ -819,33 +885,35 @@ async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Reads what is available (at least one byte, 0 at end of stream) onto the end of `buf`.
-/// The timer is armed only when the read has to wait.
+/// Reads what is available (at least one byte, 0 at end of stream) onto the end of `buf`,
+/// within `limit` once it has to wait.
 async fn read_some<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut Vec<u8>,
+    timer: &mut Watchdog,
     limit: Duration,
 ) -> io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
-    match timeout(limit, r.read_buf(buf)).await {
+    match timer.run(limit, r.read_buf(buf)).await {
         Ok(result) => result,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 
+/// Writes all of `bytes` and flushes, within `limit` once it has to wait.
 async fn write_flush<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     bytes: &[u8],
+    timer: &mut Watchdog,
     limit: Duration,
 ) -> io::Result<()> {
-    match timeout(limit, async {
+    let write = async {
         w.write_all(bytes).await?;
         w.flush().await
-    })
-    .await
-    {
+    };
+    match timer.run(limit, write).await {
         Ok(result) => result,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
