@@ -6,10 +6,11 @@
 //! signs, every key verifies, so keys rotate without logging anyone out. Tokens are
 //! computed when a table is compiled, so the request path verifies a cookie with one hash
 //! map lookup and no HMAC.
-use std::{collections::HashMap, fmt, path::Path, sync::OnceLock};
+use std::{fmt, path::Path, sync::OnceLock};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use hmac::{Hmac, Mac};
+use rustc_hash::FxHashMap;
 use sha2::Sha256;
 use space_modules::AffinitySpec;
 
@@ -163,8 +164,9 @@ pub fn decode_token(value: &str) -> Option<Token> {
 #[derive(Debug)]
 pub struct ModuleAffinity {
     pub spec: AffinitySpec,
-    /// Token -> (instance index, signed with the current key).
-    tokens: HashMap<Token, (u32, bool)>,
+    /// Token -> (instance index, signed with the current key). FxHash: the keys are HMAC
+    /// outputs SPACE made, and clients can only look up, never insert.
+    tokens: FxHashMap<Token, (u32, bool)>,
     /// The cookie value for each instance under the signing key.
     pub cookie_values: Vec<String>,
 }
@@ -190,7 +192,10 @@ impl ModuleAffinity {
         keys: &AffinityKeys,
         cache: impl Fn(usize, &dyn Fn() -> Vec<Token>) -> Vec<Token>,
     ) -> Self {
-        let mut tokens = HashMap::with_capacity(instance_ids.len() * keys.len());
+        let mut tokens = FxHashMap::with_capacity_and_hasher(
+            instance_ids.len() * keys.len(),
+            Default::default(),
+        );
         let mut cookie_values = Vec::with_capacity(instance_ids.len());
         for (i, id) in instance_ids.iter().enumerate() {
             let compute = || {
