@@ -227,6 +227,13 @@ impl SpaceApp {
             backend_timer,
         } = c;
         let (tls, client_ip, trusted) = (*tls, *client_ip, *trusted);
+        let mut io = Io {
+            stream,
+            out,
+            rbuf,
+            client_timer,
+            backend_timer,
+        };
         // 1. A complete head.
         let head_end = loop {
             if !buf.is_empty() {
@@ -240,7 +247,7 @@ impl SpaceApp {
             if buf.is_empty() && self.shutting_down(shutdown) {
                 return Next::Close;
             }
-            match read_some(stream, buf, client_timer, server.client_idle_timeout).await {
+            match read_some(io.stream, buf, io.client_timer, server.client_idle_timeout).await {
                 Ok(0) | Err(_) => return Next::Close,
                 Ok(_) => {}
             }
@@ -294,7 +301,7 @@ impl SpaceApp {
         let mut tried = [0u32; MAX_ATTEMPTS];
         let mut attempts = 0;
         let mut decision = Affinity::Off;
-        let (index, mut upstream, mut reused, _attempt) = loop {
+        let picked = loop {
             let excluded = &tried[..attempts];
             let mut chosen = None;
             if module.affinity.is_some() {
@@ -318,59 +325,48 @@ impl SpaceApp {
                     return Next::HandOff;
                 }
                 ModuleStats::bump(&module.stats.no_instance);
-                return self
-                    .refuse(
-                        Io {
-                            stream,
-                            out,
-                            rbuf,
-                            client_timer,
-                            backend_timer,
-                        },
-                        (client_ip, tls),
-                        &head,
-                        module,
-                        ("-", attempts),
-                        503,
-                        started,
-                        request_id,
-                        unread_body,
-                    )
-                    .await;
+                break Err((503, "-"));
             };
             tried[attempts] = index as u32;
             attempts += 1;
             let attempt = Attempt::begin(module, index);
             let addr = module.instances[index].spec.addr;
             if let Some(s) = pool::take(addr, t.idle, started) {
-                break (index, s, true, attempt);
+                break Ok((index, s, true, attempt));
             }
             match connect(addr, t.connect).await {
-                Ok(s) => break (index, s, false, attempt),
+                Ok(s) => break Ok((index, s, false, attempt)),
                 Err(_) => {
                     drop(attempt);
                     if !connect_failed(module, index, attempts) {
-                        return self
-                            .refuse(
-                                Io {
-                                    stream,
-                                    out,
-                                    rbuf,
-                                    client_timer,
-                                    backend_timer,
-                                },
-                                (client_ip, tls),
-                                &head,
-                                module,
-                                (module.instances[index].spec.id.as_str(), attempts),
-                                502,
-                                started,
-                                request_id,
-                                unread_body,
-                            )
-                            .await;
+                        break Err((502, module.instances[index].spec.id.as_str()));
                     }
                 }
+            }
+        };
+        let (index, mut upstream, mut reused, _attempt) = match picked {
+            Ok(picked) => picked,
+            Err((status, instance)) => {
+                let io = Io {
+                    stream,
+                    out,
+                    rbuf,
+                    client_timer,
+                    backend_timer,
+                };
+                return self
+                    .refuse(
+                        io,
+                        (client_ip, tls),
+                        &head,
+                        module,
+                        (instance, attempts),
+                        status,
+                        started,
+                        request_id,
+                        unread_body,
+                    )
+                    .await;
             }
         };
         let instance = &module.instances[index];
@@ -387,9 +383,9 @@ impl SpaceApp {
         };
 
         // 4. The backend's head, with as much of the body as is already here.
-        out.clear();
+        io.out.clear();
         request::write_upstream_head(
-            out,
+            io.out,
             &head,
             &request::Forwarding {
                 client_ip,
@@ -402,7 +398,7 @@ impl SpaceApp {
         let body_rest = head.content_length - body_here as u64;
         let consumed = head.len + body_here;
         let request_sent_whole = body_rest == 0 && body_here <= INLINE_BODY;
-        let request_len = out.len();
+        let request_len = io.out.len();
         let body = &buf[head.len..consumed];
         let mut leftover = Vec::new();
 
@@ -439,13 +435,7 @@ impl SpaceApp {
         // replaced once, when the whole request is still at hand.
         let exchange = loop {
             let attempt = send_and_read_head(
-                Io {
-                    stream,
-                    out,
-                    rbuf,
-                    client_timer,
-                    backend_timer,
-                },
+                io.reborrow(),
                 &mut upstream,
                 Body {
                     here: body,
@@ -479,8 +469,7 @@ impl SpaceApp {
                     Failure::Stale | Failure::Upstream(_) => 502,
                 };
                 if status > 0 {
-                    let _ =
-                        write_error(stream, out, client_timer, status, request_id, t.write).await;
+                    let _ = write_error(io.reborrow(), status, request_id, t.write).await;
                 }
                 self.finish(
                     (client_ip, tls),
@@ -499,19 +488,7 @@ impl SpaceApp {
         instance.state.record_request_success();
 
         // 6. The body, relayed as it comes.
-        let relayed = relay_body(
-            Io {
-                stream,
-                out,
-                rbuf,
-                client_timer,
-                backend_timer,
-            },
-            &mut upstream,
-            meta,
-            t,
-        )
-        .await;
+        let relayed = relay_body(io.reborrow(), &mut upstream, meta, t).await;
         let done = Instant::now();
         let backend_reusable = matches!(relayed, Ok(true)) && meta.backend_keepalive;
         if backend_reusable {
@@ -546,7 +523,7 @@ impl SpaceApp {
     #[allow(clippy::too_many_arguments)]
     async fn refuse(
         &self,
-        io: Io<'_>,
+        mut io: Io<'_>,
         client: (Option<IpAddr>, bool),
         head: &RequestHead<'_>,
         module: &CompiledModule,
@@ -556,15 +533,8 @@ impl SpaceApp {
         request_id: &[u8],
         unread_body: u64,
     ) -> Next {
-        let Io {
-            stream,
-            out,
-            rbuf,
-            client_timer,
-            ..
-        } = io;
         let limit = module.spec.timeouts.write;
-        if write_error(stream, out, client_timer, status, request_id, limit)
+        if write_error(io.reborrow(), status, request_id, limit)
             .await
             .is_ok()
         {
@@ -572,8 +542,8 @@ impl SpaceApp {
             let mut left = unread_body;
             let _ = timeout(linger, async {
                 while left > 0 {
-                    rbuf.clear();
-                    match read_some(stream, rbuf, client_timer, linger).await {
+                    io.rbuf.clear();
+                    match read_some(io.stream, io.rbuf, io.client_timer, linger).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => left = left.saturating_sub(n as u64),
                     }
@@ -655,6 +625,18 @@ struct Io<'a> {
     rbuf: &'a mut Vec<u8>,
     client_timer: &'a mut Watchdog,
     backend_timer: &'a mut Watchdog,
+}
+
+impl Io<'_> {
+    fn reborrow(&mut self) -> Io<'_> {
+        Io {
+            stream: &mut *self.stream,
+            out: &mut *self.out,
+            rbuf: &mut *self.rbuf,
+            client_timer: &mut *self.client_timer,
+            backend_timer: &mut *self.backend_timer,
+        }
+    }
 }
 
 /// The request body: the part already read, and how much more the client will send.
@@ -824,13 +806,17 @@ async fn relay_body(
 
 /// Answers a request the backend failed, and closes.
 async fn write_error(
-    stream: &mut Stream,
-    out: &mut Vec<u8>,
-    timer: &mut Watchdog,
+    io: Io<'_>,
     status: u16,
     request_id: &[u8],
     limit: Duration,
 ) -> io::Result<()> {
+    let Io {
+        stream,
+        out,
+        client_timer,
+        ..
+    } = io;
     let (line, body): (&[u8], &[u8]) = match status {
         503 => (
             b"HTTP/1.1 503 Service Unavailable\r\n",
@@ -857,7 +843,7 @@ async fn write_error(
     request::push_field(out, b"connection", b"close");
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-    write_flush(stream, out, timer, limit).await
+    write_flush(stream, out, client_timer, limit).await
 }
 
 fn hash_key(
