@@ -70,6 +70,17 @@ async fn serve(mut stream: TcpStream) {
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
+        if head.starts_with("POST /early-413 ") {
+            // Refuses the upload from its head, as a container's own nginx does past its
+            // client_max_body_size, and closes without reading the body.
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
+        }
         while buf.len() < head_end + length {
             let mut chunk = [0u8; 4096];
             match stream.read(&mut chunk).await {
@@ -285,4 +296,26 @@ async fn the_shortest_http1_request_is_answered_with_h2c_on() {
     // 18 bytes: shorter than the HTTP/2 preface SPACE tells HTTP/2 apart by.
     let out = exchange(space.http, "GET / HTTP/1.0\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1."), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_refuses_an_upload_early_is_heard() {
+    let backend = ScriptedBackend::start().await;
+    let space = space_for(&backend).await;
+    let r = test_support::http::client()
+        .post(space.url("/early-413"))
+        .body(vec![b'x'; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("expected the backend's 413, got {e:?}"));
+    assert_eq!(r.status(), 413, "the backend's answer, not a 502");
+    assert_eq!(r.headers()["connection"], "close");
+    assert_eq!(r.text().await.unwrap(), "too large");
+    // The connection that carried the unread upload is not reused; the next request works.
+    let r = test_support::http::client()
+        .get(space.url("/after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -460,8 +460,8 @@ impl SpaceApp {
                 other => break other,
             }
         };
-        let meta = match exchange {
-            Ok(meta) => meta,
+        let (meta, unread_body) = match exchange {
+            Ok(e) => (e.meta, e.unread_body),
             Err(failure) => {
                 let status = match failure {
                     Failure::Client => 0,
@@ -509,7 +509,10 @@ impl SpaceApp {
             request_id,
             error,
         );
-        if relayed.is_err() || close || meta.framing == Framing::UntilClose {
+        if relayed.is_ok() && unread_body > 0 {
+            self.linger(io.reborrow(), unread_body).await;
+        }
+        if relayed.is_err() || close || unread_body > 0 || meta.framing == Framing::UntilClose {
             return Next::Close;
         }
         buf.drain(..consumed);
@@ -538,18 +541,7 @@ impl SpaceApp {
             .await
             .is_ok()
         {
-            let linger = self.state.server.lingering_time;
-            let mut left = unread_body;
-            let _ = timeout(linger, async {
-                while left > 0 {
-                    io.rbuf.clear();
-                    match read_some(io.stream, io.rbuf, io.client_timer, linger).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => left = left.saturating_sub(n as u64),
-                    }
-                }
-            })
-            .await;
+            self.linger(io.reborrow(), unread_body).await;
         }
         let reason = if status == 503 {
             "no instance available"
@@ -568,6 +560,24 @@ impl SpaceApp {
             reason,
         );
         Next::Close
+    }
+
+    /// Lingering close: reads and discards what is left of a request body nobody will
+    /// read, for at most `lingering_time`, so that closing does not reset the connection
+    /// under the answer the client has yet to read.
+    async fn linger(&self, io: Io<'_>, unread_body: u64) {
+        let limit = self.state.server.lingering_time;
+        let mut left = unread_body;
+        let _ = timeout(limit, async {
+            while left > 0 {
+                io.rbuf.clear();
+                match read_some(io.stream, io.rbuf, io.client_timer, limit).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n as u64),
+                }
+            }
+        })
+        .await;
     }
 
     /// Counts the response and writes the access-log line.
@@ -659,7 +669,7 @@ async fn send_and_read_head(
     deco: &Decorations<'_>,
     t: &space_modules::Timeouts,
     client_timeout: Duration,
-) -> Result<response::ResponseMeta, Failure> {
+) -> Result<Exchange, Failure> {
     let Io {
         stream,
         out,
@@ -679,48 +689,75 @@ async fn send_and_read_head(
             Failure::Stale
         }
     };
+    rbuf.clear();
     out.truncate(request_len);
+    // `sent` turns false when the backend answers (or closes) before it has the whole
+    // request: what it sent is then in `rbuf`, and the rest of the body is not sent.
+    let mut sent;
     if here.len() <= INLINE_BODY {
         out.extend_from_slice(here);
-        write_flush(upstream, out, backend_timer, t.write)
+        sent = send(upstream, out, rbuf, backend_timer, t.write)
             .await
             .map_err(stale)?;
     } else {
-        write_flush(upstream, out, backend_timer, t.write)
+        sent = send(upstream, out, rbuf, backend_timer, t.write)
             .await
             .map_err(stale)?;
-        write_flush(upstream, here, backend_timer, t.write)
-            .await
-            .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
+        if sent {
+            // A backend that stops taking the body may have answered: read on to see.
+            sent = send(upstream, here, rbuf, backend_timer, t.write)
+                .await
+                .unwrap_or(false);
+        }
     }
-    while rest > 0 {
-        rbuf.clear();
-        match read_some(stream, rbuf, client_timer, client_timeout).await {
+    while rest > 0 && sent {
+        out.clear();
+        match read_some(stream, out, client_timer, client_timeout).await {
             Ok(0) | Err(_) => return Err(Failure::Client),
             Ok(n) => {
                 let take = (n as u64).min(rest) as usize;
                 if take < n {
-                    leftover.extend_from_slice(&rbuf[take..n]);
+                    leftover.extend_from_slice(&out[take..n]);
                 }
                 rest -= take as u64;
-                write_flush(upstream, &rbuf[..take], backend_timer, t.write)
+                sent = send(upstream, &out[..take], rbuf, backend_timer, t.write)
                     .await
-                    .map_err(|_| Failure::Upstream("backend stopped reading the body"))?;
+                    .unwrap_or(false);
             }
         }
     }
-    rbuf.clear();
+    let early = !sent;
+    let close_deco;
+    let deco = if early {
+        // The client is still sending a body nobody reads: the connection ends after this.
+        close_deco = Decorations {
+            close: true,
+            ..*deco
+        };
+        &close_deco
+    } else {
+        deco
+    };
+    let mut have = !rbuf.is_empty();
     loop {
-        match read_some(upstream, rbuf, backend_timer, t.read).await {
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::Timeout),
-            Ok(0) | Err(_) if rbuf.is_empty() => return Err(Failure::Stale),
-            Ok(0) | Err(_) => return Err(Failure::Upstream("backend closed mid-head")),
-            Ok(_) => {}
+        if !have {
+            match read_some(upstream, rbuf, backend_timer, t.read).await {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::Timeout),
+                Ok(0) | Err(_) if rbuf.is_empty() => return Err(Failure::Stale),
+                Ok(0) | Err(_) => return Err(Failure::Upstream("backend closed mid-head")),
+                Ok(_) => {}
+            }
         }
+        have = false;
         loop {
             out.clear();
             match response::parse_and_rewrite(rbuf, request_is_head, deco, out) {
-                Ok(Parsed::Final(meta)) => return Ok(meta),
+                Ok(Parsed::Final(meta)) => {
+                    return Ok(Exchange {
+                        meta,
+                        unread_body: if early { rest } else { 0 },
+                    })
+                }
                 Ok(Parsed::Interim(n)) => {
                     rbuf.drain(..n);
                 }
@@ -734,6 +771,71 @@ async fn send_and_read_head(
                 break;
             }
         }
+    }
+}
+
+/// A response whose head is ready for the client.
+struct Exchange {
+    meta: response::ResponseMeta,
+    /// Request body bytes the client has yet to send: the backend answered before taking
+    /// the whole body, and the client connection closes after the response.
+    unread_body: u64,
+}
+
+/// Writes `bytes` to the backend. `Ok(false)` when the backend answers or closes before it
+/// has taken them all (nginx relays such an early answer, a 413 from the container's own
+/// web server for one); what it sent is then in `rbuf`. The common case, a kernel that
+/// takes everything at once, is one `write` and no waiting.
+async fn send(
+    upstream: &TcpStream,
+    bytes: &[u8],
+    rbuf: &mut Vec<u8>,
+    timer: &mut Watchdog,
+    limit: Duration,
+) -> io::Result<bool> {
+    let mut left = bytes;
+    match upstream.try_write(left) {
+        Ok(n) => left = &left[n..],
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    if left.is_empty() {
+        return Ok(true);
+    }
+    let wait = async {
+        loop {
+            tokio::select! {
+                ready = upstream.readable() => {
+                    ready?;
+                    if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+                        rbuf.reserve(READ_CHUNK);
+                    }
+                    match upstream.try_read_buf(rbuf) {
+                        // An answer, or a close: either way the rest is not wanted.
+                        Ok(_) => return Ok(false),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                ready = upstream.writable() => {
+                    ready?;
+                    match upstream.try_write(left) {
+                        Ok(n) => {
+                            left = &left[n..];
+                            if left.is_empty() {
+                                return Ok(true);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    };
+    match timer.run(limit, wait).await {
+        Ok(result) => result,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 

@@ -34,6 +34,7 @@ pub struct ResponseMeta {
 pub type CookieRewrite<'f> = dyn Fn(&[u8]) -> Option<String> + Sync + 'f;
 
 /// What SPACE adds to a response head.
+#[derive(Clone, Copy)]
 pub struct Decorations<'a> {
     pub request_id: &'a [u8],
     /// `Strict-Transport-Security`, over TLS when configured (replaces the backend's).
