@@ -474,3 +474,35 @@ async fn requests_without_host_get_an_answer() {
         Some(&*core.addr().to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_over_tls_forwards_https_and_replaces_forged_headers() {
+    let core = EchoBackend::start("core");
+    let space = Space::start(&module("core", &["/"], &[core.addr()], NO_HEALTH));
+    let tls = test_support::tls::https_client_builder(space.pki.ca_pem())
+        .http1_only()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let r = tls
+            .get(space.https_url(&format!("/chart/{i}?q=1")))
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-proto", "http")
+            .header("forwarded", "for=6.6.6.6")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_11);
+        assert_eq!(r.status(), 200);
+        let returned = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let seen = &core.requests()[i];
+        assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(seen.header("forwarded"), None);
+        assert_eq!(
+            seen.header("x-forwarded-host"),
+            Some(&*format!("localhost:{}", space.https.port()))
+        );
+        assert_eq!(seen.header("x-request-id"), Some(returned.as_str()));
+    }
+}
