@@ -10,14 +10,39 @@ use space_registry::{
 
 use crate::service::Affinity;
 
-/// A request's cookies by name, whichever way the request was parsed.
-pub(crate) trait RequestCookies {
+/// A request's header fields and cookies by name, whichever way the request was parsed
+/// (Pingora's `RequestHeader`, or the HTTP/1 fast path's borrowed head).
+pub(crate) trait RequestFields {
+    /// The first field named `name` (lowercase).
+    fn header(&self, name: &str) -> Option<&[u8]>;
     fn cookie(&self, name: &str) -> Option<&str>;
 }
 
-impl RequestCookies for pingora_http::RequestHeader {
+impl RequestFields for pingora_http::RequestHeader {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(|v| v.as_bytes())
+    }
+
     fn cookie(&self, name: &str) -> Option<&str> {
         crate::cookies::find_cookie(self, name)
+    }
+}
+
+/// The consistent-hash key a module's `load_balancing` names, from the request.
+pub(crate) fn hash_key(
+    on: &space_modules::HashOn,
+    client_ip: Option<std::net::IpAddr>,
+    req: &impl RequestFields,
+) -> Option<PickKey> {
+    use space_modules::HashOn;
+    use std::net::IpAddr;
+    match on {
+        HashOn::ClientIp => client_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => PickKey::hash(&v4.octets()),
+            IpAddr::V6(v6) => PickKey::hash(&v6.octets()),
+        }),
+        HashOn::Header(name) => req.header(name).map(PickKey::hash),
+        HashOn::Cookie(name) => req.cookie(name).map(|v| PickKey::hash(v.as_bytes())),
     }
 }
 
@@ -26,7 +51,7 @@ impl RequestCookies for pingora_http::RequestHeader {
 pub(crate) fn choose(
     module: &CompiledModule,
     keys: Option<&AffinityKeys>,
-    req: &impl RequestCookies,
+    req: &impl RequestFields,
     tried: &[u32],
     previous: Affinity,
 ) -> (Option<usize>, Affinity) {
@@ -117,7 +142,7 @@ pub(crate) fn choose(
 fn session_fingerprint(
     module: &CompiledModule,
     keys: Option<&AffinityKeys>,
-    req: &impl RequestCookies,
+    req: &impl RequestFields,
 ) -> String {
     let id = module
         .spec

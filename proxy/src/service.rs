@@ -146,6 +146,19 @@ fn status_error(code: u16, why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(code), why)
 }
 
+/// The body of an error SPACE answers by itself, the same on both request paths.
+pub(crate) fn error_body(code: u16) -> &'static str {
+    match code {
+        400 => "400 Bad Request\n",
+        404 => "404 Not Found\n",
+        413 => "413 Content Too Large\n",
+        502 => "502 Bad Gateway: the module's instance could not be reached\n",
+        503 => "503 Service Unavailable: no healthy instance, try again shortly\n",
+        504 => "504 Gateway Timeout: the module's instance did not answer in time\n",
+        _ => "error\n",
+    }
+}
+
 /// Lowercase host without port, from :authority or Host. Borrowed unless it had uppercase.
 fn request_host(req: &RequestHeader) -> std::borrow::Cow<'_, str> {
     let raw = req
@@ -506,7 +519,14 @@ impl ProxyHttp for SpaceProxy {
         }
         let chosen = chosen.or_else(|| {
             let key = match &module.spec.load_balancing {
-                space_modules::LoadBalancing::ConsistentHash(on) => hash_key(session, on),
+                space_modules::LoadBalancing::ConsistentHash(on) => affinity::hash_key(
+                    on,
+                    session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                    session.req_header(),
+                ),
                 _ => None,
             };
             module
@@ -650,15 +670,7 @@ impl ProxyHttp for SpaceProxy {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            let body: &'static str = match code {
-                400 => "400 Bad Request\n",
-                404 => "404 Not Found\n",
-                413 => "413 Content Too Large\n",
-                502 => "502 Bad Gateway: the module's instance could not be reached\n",
-                503 => "503 Service Unavailable: no healthy instance, try again shortly\n",
-                504 => "504 Gateway Timeout: the module's instance did not answer in time\n",
-                _ => "error\n",
-            };
+            let body = error_body(code);
             let retry_after =
                 (code == 503).then(|| (header::RETRY_AFTER, HeaderValue::from_static("5")));
             // The downstream may already be gone; nothing more to do then.
@@ -703,27 +715,6 @@ impl ProxyHttp for SpaceProxy {
             ctx.counted = false;
             self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
-    }
-}
-
-fn hash_key(session: &Session, on: &space_modules::HashOn) -> Option<space_registry::PickKey> {
-    use space_modules::HashOn;
-    use space_registry::PickKey;
-    match on {
-        HashOn::ClientIp => session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| match a.ip() {
-                IpAddr::V4(v4) => PickKey::hash(&v4.octets()),
-                IpAddr::V6(v6) => PickKey::hash(&v6.octets()),
-            }),
-        HashOn::Header(name) => session
-            .req_header()
-            .headers
-            .get(name.as_str())
-            .map(|v| PickKey::hash(v.as_bytes())),
-        HashOn::Cookie(name) => crate::cookies::find_cookie(session.req_header(), name)
-            .map(|v| PickKey::hash(v.as_bytes())),
     }
 }
 

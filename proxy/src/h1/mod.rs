@@ -37,7 +37,7 @@ use pingora_core::{
     server::ShutdownWatch,
 };
 use pingora_proxy::HttpProxy;
-use space_registry::{CompiledModule, ModuleStats, PickKey, ServerSettings};
+use space_registry::{CompiledModule, ModuleStats, ServerSettings};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -45,11 +45,12 @@ use tokio::{
 };
 
 use crate::{
-    affinity,
+    affinity::{self, RequestFields},
     headers::{fill_request_id, is_well_formed_request_id},
     path::normalize_path,
     service::{
-        connect_failed, route_host, AccessLine, Affinity, ProxyState, SpaceProxy, MAX_ATTEMPTS,
+        connect_failed, error_body, route_host, AccessLine, Affinity, ProxyState, SpaceProxy,
+        MAX_ATTEMPTS,
     },
 };
 use deadline::Watchdog;
@@ -283,7 +284,7 @@ impl SpaceApp {
 
         let _in_flight = InFlight::begin(&self.state);
         let mut id_buf = [0u8; 32];
-        let request_id: &[u8] = match head.values("x-request-id").next() {
+        let request_id: &[u8] = match head.header("x-request-id") {
             Some(v) if is_well_formed_request_id(v) => v,
             _ => {
                 fill_request_id(&mut id_buf);
@@ -311,7 +312,7 @@ impl SpaceApp {
             let chosen = chosen.or_else(|| {
                 let key = match &module.spec.load_balancing {
                     space_modules::LoadBalancing::ConsistentHash(on) => {
-                        hash_key(on, client_ip, &head)
+                        affinity::hash_key(on, client_ip, &head)
                     }
                     _ => None,
                 };
@@ -919,20 +920,12 @@ async fn write_error(
         client_timer,
         ..
     } = io;
-    let (line, body): (&[u8], &[u8]) = match status {
-        503 => (
-            b"HTTP/1.1 503 Service Unavailable\r\n",
-            b"503 Service Unavailable: no healthy instance, try again shortly\n",
-        ),
-        504 => (
-            b"HTTP/1.1 504 Gateway Timeout\r\n",
-            b"504 Gateway Timeout: the module's instance did not answer in time\n",
-        ),
-        _ => (
-            b"HTTP/1.1 502 Bad Gateway\r\n",
-            b"502 Bad Gateway: the module's instance could not be reached\n",
-        ),
+    let line: &[u8] = match status {
+        503 => b"HTTP/1.1 503 Service Unavailable\r\n",
+        504 => b"HTTP/1.1 504 Gateway Timeout\r\n",
+        _ => b"HTTP/1.1 502 Bad Gateway\r\n",
     };
+    let body = error_body(status).as_bytes();
     out.clear();
     out.extend_from_slice(line);
     request::push_field(out, b"content-type", b"text/plain; charset=utf-8");
@@ -946,23 +939,6 @@ async fn write_error(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     write_flush(stream, out, client_timer, limit).await
-}
-
-fn hash_key(
-    on: &space_modules::HashOn,
-    client_ip: Option<IpAddr>,
-    head: &RequestHead<'_>,
-) -> Option<PickKey> {
-    use affinity::RequestCookies;
-    use space_modules::HashOn;
-    match on {
-        HashOn::ClientIp => client_ip.map(|ip| match ip {
-            IpAddr::V4(v4) => PickKey::hash(&v4.octets()),
-            IpAddr::V6(v6) => PickKey::hash(&v6.octets()),
-        }),
-        HashOn::Header(name) => head.values(name).next().map(PickKey::hash),
-        HashOn::Cookie(name) => head.cookie(name).map(|v| PickKey::hash(v.as_bytes())),
-    }
 }
 
 async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {

@@ -47,7 +47,14 @@ impl RequestHead<'_> {
     }
 }
 
-impl crate::affinity::RequestCookies for RequestHead<'_> {
+impl crate::affinity::RequestFields for RequestHead<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
     fn cookie(&self, name: &str) -> Option<&str> {
         crate::cookies::find_cookie_in(self.values("cookie"), name)
     }
