@@ -44,19 +44,6 @@ impl PathPrefix {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    pub fn is_root(&self) -> bool {
-        &*self.0 == "/"
-    }
-
-    /// True when `path` is this prefix or lies below it on a segment boundary.
-    pub fn matches(&self, path: &str) -> bool {
-        if self.is_root() {
-            return path.starts_with('/');
-        }
-        let p = self.as_str();
-        path.starts_with(p) && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
-    }
 }
 
 impl fmt::Display for PathPrefix {

@@ -432,14 +432,7 @@ impl ProxyHttp for SpaceProxy {
                 .await;
         }
 
-        if module.affinity.is_some() {
-            ctx.prefix_index = module
-                .spec
-                .prefixes
-                .iter()
-                .position(|p| p.as_str().len() == prefix_len && p.matches(&normalized))
-                .unwrap_or(0) as u16;
-        }
+        ctx.prefix_index = route.prefix_index;
         let strip = module.spec.strip_prefix && prefix_len > 1;
         let rewrite = strip || matches!(normalized, std::borrow::Cow::Owned(_));
         if rewrite {

@@ -47,11 +47,13 @@ pub struct CompiledModule {
 
 #[derive(Debug, Default)]
 struct PrefixMap {
-    by_prefix: FxHashMap<Box<str>, u32>,
+    /// Prefix -> (module index, index of the prefix in the module's `prefixes`).
+    by_prefix: FxHashMap<Box<str>, (u32, u16)>,
 }
 
 impl PrefixMap {
-    fn lookup(&self, path: &str) -> Option<(u32, usize)> {
+    /// The module and prefix for `path`, and the prefix's length.
+    fn lookup(&self, path: &str) -> Option<((u32, u16), usize)> {
         if self.by_prefix.is_empty() {
             return None;
         }
@@ -76,6 +78,8 @@ pub struct RouteMatch<'t> {
     pub module_index: usize,
     /// Length of the matched prefix (for `strip_prefix`); 1 for the root.
     pub prefix_len: usize,
+    /// Index of the matched prefix in the module's `prefixes` (the routing cookie's Path).
+    pub prefix_index: u16,
 }
 
 /// Every route, compiled. Carries the revision of the state it came from.
@@ -83,7 +87,9 @@ pub struct RouteMatch<'t> {
 pub struct RouteTable {
     modules: Vec<CompiledModule>,
     exact_hosts: FxHashMap<Box<str>, PrefixMap>,
-    wildcard_hosts: Vec<(Box<str>, PrefixMap)>,
+    /// By suffix with its leading dot (`.example.org`): a wildcard covers exactly one label,
+    /// so the only candidate for a host is the part from its first dot.
+    wildcard_hosts: FxHashMap<Box<str>, PrefixMap>,
     any_host: PrefixMap,
     revision: String,
     keys: Option<AffinityKeys>,
@@ -138,27 +144,20 @@ impl RouteTable {
                 })
             });
             let picker = Picker::new(&spec.load_balancing, &instances);
-            for prefix in &spec.prefixes {
+            for (prefix_index, prefix) in spec.prefixes.iter().enumerate() {
                 let key: Box<str> = prefix.as_str().into();
+                let target = (index as u32, prefix_index as u16);
                 if spec.hosts.is_empty() {
-                    table.any_host.by_prefix.insert(key.clone(), index as u32);
+                    table.any_host.by_prefix.insert(key.clone(), target);
                 }
                 for host in &spec.hosts {
                     let map = match host {
                         HostPattern::Exact(h) => table.exact_hosts.entry((**h).into()).or_default(),
                         HostPattern::Wildcard(s) => {
-                            match table.wildcard_hosts.iter().position(|(w, _)| **w == **s) {
-                                Some(i) => &mut table.wildcard_hosts[i].1,
-                                None => {
-                                    table
-                                        .wildcard_hosts
-                                        .push(((**s).into(), PrefixMap::default()));
-                                    &mut table.wildcard_hosts.last_mut().unwrap().1
-                                }
-                            }
+                            table.wildcard_hosts.entry((**s).into()).or_default()
                         }
                     };
-                    map.by_prefix.insert(key.clone(), index as u32);
+                    map.by_prefix.insert(key.clone(), target);
                 }
             }
             table.modules.push(CompiledModule {
@@ -169,9 +168,6 @@ impl RouteTable {
                 affinity,
             });
         }
-        table
-            .wildcard_hosts
-            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Ok(table)
     }
 
@@ -182,22 +178,15 @@ impl RouteTable {
             .get(host)
             .and_then(|m| m.lookup(path))
             .or_else(|| {
-                self.wildcard_hosts.iter().find_map(|(suffix, map)| {
-                    let wildcard_match = host.len() > suffix.len()
-                        && host.ends_with(&**suffix)
-                        && !host[..host.len() - suffix.len()].contains('.');
-                    if wildcard_match {
-                        map.lookup(path)
-                    } else {
-                        None
-                    }
-                })
+                let dot = host.find('.').filter(|&i| i > 0)?;
+                self.wildcard_hosts.get(&host[dot..])?.lookup(path)
             })
             .or_else(|| self.any_host.lookup(path));
-        hit.map(|(index, prefix_len)| RouteMatch {
+        hit.map(|((index, prefix_index), prefix_len)| RouteMatch {
             module: &self.modules[index as usize],
             module_index: index as usize,
             prefix_len,
+            prefix_index,
         })
     }
 

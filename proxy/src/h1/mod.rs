@@ -372,16 +372,6 @@ impl SpaceApp {
         };
         let instance = &module.instances[index];
         let addr = instance.spec.addr;
-        let prefix_index = if module.affinity.is_some() {
-            module
-                .spec
-                .prefixes
-                .iter()
-                .position(|p| p.as_str().len() == route.prefix_len && p.matches(path))
-                .unwrap_or(0) as u16
-        } else {
-            0
-        };
 
         // 4. The backend's head, with as much of the body as is already here.
         io.out.clear();
@@ -403,10 +393,9 @@ impl SpaceApp {
         let body = &buf[head.len..consumed];
         let mut leftover = Vec::new();
 
-        let routing_cookie = module
-            .affinity
-            .as_ref()
-            .and_then(|a| affinity::routing_cookie(module, a, index, decision, prefix_index, tls));
+        let routing_cookie = module.affinity.as_ref().and_then(|a| {
+            affinity::routing_cookie(module, a, index, decision, route.prefix_index, tls)
+        });
         let harden = |v: &[u8]| {
             module
                 .affinity
