@@ -154,15 +154,7 @@ fn validate(path: &std::path::Path) -> ExitCode {
             }
         }
     }
-    let states = space_registry::InstanceStates::new();
-    if let Err(errs) = space_registry::RouteTable::compile(
-        &config.modules,
-        &states,
-        &config.affinity_keys,
-        &config.revision,
-    ) {
-        problems.extend(errs);
-    }
+    // Overlapping prefixes and repeated names were refused by load_config already.
     if !problems.is_empty() {
         eprintln!("{} problem(s) in the configuration:", problems.len());
         for p in problems {

@@ -46,7 +46,7 @@ use space_modules::{
 };
 use space_registry::{
     etcd_keys::{self, EtcdKey},
-    AffinityKeys, EtcdSettings, InstanceStates, RouteTable,
+    EtcdSettings,
 };
 use tracing::{info, warn};
 
@@ -631,17 +631,11 @@ async fn register(etcd: &EtcdArgs, a: RegisterArgs) -> Result<(), Failure> {
 
 /// Reasons `spec` cannot share the route table with each of `others`.
 fn overlaps_with(spec: &ModuleSpec, others: &[ModuleSpec]) -> Vec<String> {
-    let states = InstanceStates::new();
-    let keys = AffinityKeys::generated();
-    let mut out = Vec::new();
-    for other in others {
-        if let Err(reasons) =
-            RouteTable::compile(&[other.clone(), spec.clone()], &states, &keys, "check")
-        {
-            out.extend(reasons);
-        }
-    }
-    out
+    others
+        .iter()
+        .flat_map(|other| space_registry::find_conflicts(&[other, spec]))
+        .map(|(_, why)| why)
+        .collect()
 }
 
 /// SIGTERM and SIGINT.
