@@ -37,10 +37,7 @@ impl Reloader {
         let result = load_config(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|config| {
-                let unchanged = self
-                    .desired
-                    .file()
-                    .is_some_and(|current| current.revision == config.revision);
+                let unchanged = self.desired.file_revision().as_deref() == Some(&config.revision);
                 if unchanged {
                     return Ok(None);
                 }

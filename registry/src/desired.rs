@@ -194,9 +194,9 @@ impl Desired {
         result
     }
 
-    /// The validated file configuration in use.
-    pub fn file(&self) -> Option<Config> {
-        self.lock().file.clone()
+    /// The revision of the file configuration in use, if any.
+    pub fn file_revision(&self) -> Option<String> {
+        self.lock().file.as_ref().map(|f| f.revision.clone())
     }
 
     /// Changes the etcd view (one batch of events) and republishes.
