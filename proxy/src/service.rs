@@ -593,14 +593,7 @@ impl ProxyHttp for SpaceProxy {
                 let _ = upstream.insert_header(header::HOST, addr);
             }
         }
-        let generated;
-        let request_id = match &ctx.request_id {
-            Some(id) => id,
-            None => {
-                generated = headers::new_request_id();
-                &generated
-            }
-        };
+        let request_id = ctx.request_id.get_or_insert_with(headers::new_request_id);
         headers::prepare_upstream_request(
             upstream,
             &Forwarding {
@@ -765,9 +758,11 @@ pub(crate) struct AccessLine<'a> {
 
 impl AccessLine<'_> {
     pub fn emit(&self) {
+        let mut ip = [0u8; 48];
+        let ip_len = self.client.map_or(0, |c| headers::format_ip(c, &mut ip));
         tracing::info!(
             target: "access",
-            client = %self.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            client = %std::str::from_utf8(&ip[..ip_len]).unwrap_or(""),
             method = %self.method,
             path = %self.path,
             status = self.status,
