@@ -207,19 +207,31 @@ pub(crate) fn hardened_session_cookie(
     if !module.spec.session_cookies.iter().any(|c| c == name.trim()) {
         return None;
     }
-    let lower = text.to_ascii_lowercase();
-    let has = |attr: &str| lower.split(';').any(|a| a.trim().starts_with(attr));
+    let has = |attr: &str| {
+        text.split(';').any(|a| {
+            a.trim_start()
+                .as_bytes()
+                .get(..attr.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(attr.as_bytes()))
+        })
+    };
+    let add_secure = aff.spec.secure_session_cookies && !has("secure");
+    let add_same_site = aff
+        .spec
+        .session_cookie_samesite
+        .filter(|_| !has("samesite"));
+    if !add_secure && add_same_site.is_none() {
+        return None;
+    }
     let mut out = text.to_string();
-    if aff.spec.secure_session_cookies && !has("secure") {
+    if add_secure {
         out.push_str("; Secure");
     }
-    if let Some(same_site) = aff.spec.session_cookie_samesite {
-        if !has("samesite") {
-            out.push_str("; SameSite=");
-            out.push_str(same_site.as_str());
-        }
+    if let Some(same_site) = add_same_site {
+        out.push_str("; SameSite=");
+        out.push_str(same_site.as_str());
     }
-    (out.len() != text.len()).then_some(out)
+    Some(out)
 }
 
 /// Sets the routing cookie when the request needs a (new or re-signed) pin, and adds
