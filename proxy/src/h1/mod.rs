@@ -158,9 +158,11 @@ impl ServerApp for SpaceApp {
                     return None;
                 }
                 Next::HandOff => {
-                    let Conn { stream, buf, .. } = conn;
-                    let stream = self.hand_off(stream, buf, shutdown).await?;
-                    conn = Conn::new(stream, &self.state.server);
+                    // The same socket comes back: keep its buffers, timers and address.
+                    let Conn { stream, mut buf, .. } = conn;
+                    let stream = self.hand_off(stream, &buf, shutdown).await?;
+                    buf.clear();
+                    conn = Conn { stream, buf, ..conn };
                 }
             }
         }
@@ -183,19 +185,19 @@ impl SpaceApp {
     async fn hand_off(
         &self,
         stream: Stream,
-        read: Vec<u8>,
+        read: &[u8],
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         if self.h2c && stream.get_ssl_digest().is_none() && read.starts_with(b"PRI * HTTP/2.0") {
             let mut plain = stream.into_any().downcast::<l4::stream::Stream>().ok()?;
-            plain.rewind(&read);
+            plain.rewind(read);
             self.fallback.process_new(plain, shutdown).await;
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
         session.set_keepalive(Some(self.state.server.client_idle_timeout.as_secs().max(1)));
         if !read.is_empty() {
-            session.set_pipelined_prefix(BytesMut::from(&read[..]));
+            session.set_pipelined_prefix(BytesMut::from(read));
         }
         let reused = self.fallback.process_new_http(session, shutdown).await?;
         // Pingora's pipelining is off, so no bytes of a next request come back with it.
@@ -393,19 +395,6 @@ impl SpaceApp {
         let body = &buf[head.len..consumed];
         let mut leftover = Vec::new();
 
-        let routing_cookie = module.affinity.as_ref().and_then(|a| {
-            affinity::routing_cookie(module, a, index, decision, route.prefix_index, tls)
-        });
-        let harden = |v: &[u8]| {
-            module
-                .affinity
-                .as_ref()
-                .and_then(|a| affinity::hardened_session_cookie(module, a, v))
-        };
-        let hardens = module
-            .affinity
-            .as_ref()
-            .is_some_and(|a| affinity::hardens_session_cookies(a, tls));
         let close = head.close || self.shutting_down(shutdown);
         let hsts = self
             .state
@@ -416,8 +405,14 @@ impl SpaceApp {
         let deco = Decorations {
             request_id,
             hsts,
-            routing_cookie: routing_cookie.as_deref(),
-            harden_cookie: if hardens { Some(&harden) } else { None },
+            affinity: module.affinity.as_ref().map(|affinity| response::Pin {
+                module,
+                affinity,
+                instance: index,
+                decision,
+                prefix_index: route.prefix_index,
+                tls,
+            }),
             close,
         };
 

@@ -2,7 +2,10 @@
 //! (hop-by-hop fields out; X-Request-Id, HSTS and the routing cookie in), and its body
 //! framing (RFC 9112 §6.3), so the relay knows where the response ends and whether the
 //! backend connection can be used again.
+use space_registry::{CompiledModule, ModuleAffinity};
+
 use super::request::{parse_length, push_field};
+use crate::{affinity, service::Affinity};
 
 /// Most header fields in a response head; more is answered 502.
 const MAX_HEADERS: usize = 96;
@@ -30,21 +33,29 @@ pub struct ResponseMeta {
     pub backend_keepalive: bool,
 }
 
-/// Rewrites a backend `Set-Cookie` value, or leaves it (`None`).
-pub type CookieRewrite<'f> = dyn Fn(&[u8]) -> Option<String> + Sync + 'f;
-
 /// What SPACE adds to a response head.
 #[derive(Clone, Copy)]
 pub struct Decorations<'a> {
     pub request_id: &'a [u8],
     /// `Strict-Transport-Security`, over TLS when configured (replaces the backend's).
     pub hsts: Option<&'a [u8]>,
-    /// The routing cookie to set.
-    pub routing_cookie: Option<&'a str>,
-    /// Rewrites a backend `Set-Cookie` value (Secure/SameSite on session cookies).
-    pub harden_cookie: Option<&'a CookieRewrite<'a>>,
+    /// Session affinity of the module, when it has it.
+    pub affinity: Option<Pin<'a>>,
     /// Tell the client the connection closes after this response.
     pub close: bool,
+}
+
+/// Where affinity sent the request, for the routing cookie and the session-cookie hardening
+/// (the same functions SpaceProxy::response_filter calls, called as late: once the backend
+/// has answered).
+#[derive(Clone, Copy)]
+pub struct Pin<'a> {
+    pub module: &'a CompiledModule,
+    pub affinity: &'a ModuleAffinity,
+    pub instance: usize,
+    pub decision: Affinity,
+    pub prefix_index: u16,
+    pub tls: bool,
 }
 
 /// Parsing the backend's head.
@@ -151,7 +162,11 @@ pub fn parse_and_rewrite(
             | Field::RequestId => continue,
             Field::Hsts if deco.hsts.is_some() => continue,
             Field::SetCookie => {
-                if let Some(v) = deco.harden_cookie.and_then(|harden| harden(h.value)) {
+                let hardened = deco
+                    .affinity
+                    .filter(|p| affinity::hardens_session_cookies(p.affinity, p.tls))
+                    .and_then(|p| affinity::hardened_session_cookie(p.module, p.affinity, h.value));
+                if let Some(v) = hardened {
                     push_field(out, h.name.as_bytes(), v.as_bytes());
                     continue;
                 }
@@ -171,7 +186,17 @@ pub fn parse_and_rewrite(
         }
         Framing::Empty | Framing::UntilClose => {}
     }
-    if let Some(cookie) = deco.routing_cookie {
+    let cookie = deco.affinity.and_then(|p| {
+        affinity::routing_cookie(
+            p.module,
+            p.affinity,
+            p.instance,
+            p.decision,
+            p.prefix_index,
+            p.tls,
+        )
+    });
+    if let Some(cookie) = cookie {
         push_field(out, b"set-cookie", cookie.as_bytes());
     }
     push_field(out, b"x-request-id", deco.request_id);
@@ -365,8 +390,7 @@ mod tests {
         Decorations {
             request_id: b"rid",
             hsts: None,
-            routing_cookie: None,
-            harden_cookie: None,
+            affinity: None,
             close: false,
         }
     }
