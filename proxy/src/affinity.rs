@@ -29,7 +29,7 @@ impl RequestFields for pingora_http::RequestHeader {
 }
 
 /// The consistent-hash key a module's `load_balancing` names, from the request.
-pub(crate) fn hash_key(
+fn hash_key(
     on: &space_modules::HashOn,
     client_ip: Option<std::net::IpAddr>,
     req: &impl RequestFields,
@@ -46,9 +46,38 @@ pub(crate) fn hash_key(
     }
 }
 
+/// Picks the instance for a request, on both request paths: with affinity, a valid routing
+/// cookie's instance or a hash of the session cookie; otherwise (or when those name none) the
+/// module's load-balancing policy. Instances in `tried` are left out. Returns the instance
+/// and what affinity decided, given what it decided for the request's earlier attempts.
+pub(crate) fn pick(
+    module: &CompiledModule,
+    keys: Option<&AffinityKeys>,
+    req: &impl RequestFields,
+    client_ip: Option<std::net::IpAddr>,
+    tried: &[u32],
+    previous: Affinity,
+) -> (Option<usize>, Affinity) {
+    let (chosen, decision) = if module.affinity.is_some() {
+        choose(module, keys, req, tried, previous)
+    } else {
+        (None, previous)
+    };
+    let chosen = chosen.or_else(|| {
+        let key = match &module.spec.load_balancing {
+            space_modules::LoadBalancing::ConsistentHash(on) => hash_key(on, client_ip, req),
+            _ => None,
+        };
+        module
+            .picker
+            .pick(&module.instances, key, |i| tried.contains(&(i as u32)))
+    });
+    (chosen, decision)
+}
+
 /// Chooses the instance for a module with affinity. Returns `None` when the module's
 /// load-balancing policy should choose (no cookie of any kind), with the decision to record.
-pub(crate) fn choose(
+fn choose(
     module: &CompiledModule,
     keys: Option<&AffinityKeys>,
     req: &impl RequestFields,

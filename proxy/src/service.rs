@@ -503,29 +503,19 @@ impl ProxyHttp for SpaceProxy {
             return Err(status_error(404, "no route"));
         };
         let tried = &ctx.tried[..ctx.attempts];
-        let mut chosen = None;
-        let mut decision = ctx.affinity;
-        if module.affinity.is_some() {
-            let keys = ctx.table.as_ref().and_then(|t| t.affinity_keys());
-            (chosen, decision) =
-                affinity::choose(module, keys, session.req_header(), tried, ctx.affinity);
-        }
-        let chosen = chosen.or_else(|| {
-            let key = match &module.spec.load_balancing {
-                space_modules::LoadBalancing::ConsistentHash(on) => affinity::hash_key(
-                    on,
-                    session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip()),
-                    session.req_header(),
-                ),
-                _ => None,
-            };
-            module
-                .picker
-                .pick(&module.instances, key, |i| tried.contains(&(i as u32)))
-        });
+        let keys = ctx.table.as_ref().and_then(|t| t.affinity_keys());
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let (chosen, decision) = affinity::pick(
+            module,
+            keys,
+            session.req_header(),
+            client_ip,
+            tried,
+            ctx.affinity,
+        );
         let Some(index) = chosen else {
             ModuleStats::bump(&module.stats.no_instance);
             ctx.affinity = decision;

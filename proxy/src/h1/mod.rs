@@ -159,10 +159,16 @@ impl ServerApp for SpaceApp {
                 }
                 Next::HandOff => {
                     // The same socket comes back: keep its buffers, timers and address.
-                    let Conn { stream, mut buf, .. } = conn;
+                    let Conn {
+                        stream, mut buf, ..
+                    } = conn;
                     let stream = self.hand_off(stream, &buf, shutdown).await?;
                     buf.clear();
-                    conn = Conn { stream, buf, ..conn };
+                    conn = Conn {
+                        stream,
+                        buf,
+                        ..conn
+                    };
                 }
             }
         }
@@ -305,23 +311,15 @@ impl SpaceApp {
         let mut attempts = 0;
         let mut decision = Affinity::Off;
         let picked = loop {
-            let excluded = &tried[..attempts];
-            let mut chosen = None;
-            if module.affinity.is_some() {
-                (chosen, decision) =
-                    affinity::choose(module, table.affinity_keys(), &head, excluded, decision);
-            }
-            let chosen = chosen.or_else(|| {
-                let key = match &module.spec.load_balancing {
-                    space_modules::LoadBalancing::ConsistentHash(on) => {
-                        affinity::hash_key(on, client_ip, &head)
-                    }
-                    _ => None,
-                };
-                module
-                    .picker
-                    .pick(&module.instances, key, |i| excluded.contains(&(i as u32)))
-            });
+            let chosen;
+            (chosen, decision) = affinity::pick(
+                module,
+                table.affinity_keys(),
+                &head,
+                client_ip,
+                &tried[..attempts],
+                decision,
+            );
             let Some(index) = chosen else {
                 if attempts == 0 {
                     // Pingora's path answers 503 and counts it.
