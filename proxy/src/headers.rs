@@ -20,6 +20,12 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::TRAILER,
 ];
 
+/// The elements of a comma-separated field value (`Connection`, `Transfer-Encoding`),
+/// trimmed.
+pub(crate) fn list_tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// A client-supplied request id is kept when it is 1 to 128 of `[A-Za-z0-9._:-]`.
 pub fn is_well_formed_request_id(v: &[u8]) -> bool {
     !v.is_empty()
@@ -187,14 +193,12 @@ pub(crate) fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
 /// protocol upgrade (WebSocket) needs.
 pub fn remove_hop_by_hop(req: &mut RequestHeader) {
     let connection = req.headers.get(header::CONNECTION).cloned();
-    let upgrade = connection.as_ref().is_some_and(|c| {
-        c.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-    }) && req.headers.contains_key(header::UPGRADE);
+    let upgrade = connection
+        .as_ref()
+        .is_some_and(|c| list_tokens(c.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")))
+        && req.headers.contains_key(header::UPGRADE);
     if let Some(conn) = &connection {
-        for token in conn.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
+        for token in list_tokens(conn.as_bytes()) {
             if token.is_empty()
                 || token.eq_ignore_ascii_case(b"close")
                 || token.eq_ignore_ascii_case(b"keep-alive")

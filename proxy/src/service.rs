@@ -217,7 +217,7 @@ impl SpaceProxy {
         if status >= 400 && status != 404 {
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(self.keepalive_secs()));
+            session.set_keepalive(Some(self.state.server.keepalive_secs()));
         }
         session.write_response_header(Box::new(resp), false).await?;
         session
@@ -244,10 +244,6 @@ impl SpaceProxy {
             return;
         }
         let _ = tokio::time::timeout(limit, session.drain_request_body()).await;
-    }
-
-    fn keepalive_secs(&self) -> u64 {
-        self.state.server.client_idle_timeout.as_secs().max(1)
     }
 
     /// Headers SPACE adds to every response: X-Request-Id and, over TLS, HSTS.
@@ -329,7 +325,7 @@ impl ProxyHttp for SpaceProxy {
         } else if session.get_keepalive().is_some() {
             // Only where the client allows it: Pingora has already turned keep-alive off for
             // `Connection: close` and for HTTP/1.0 without `Connection: keep-alive`.
-            session.set_keepalive(Some(self.keepalive_secs()));
+            session.set_keepalive(Some(self.state.server.keepalive_secs()));
         }
 
         let req = session.req_header();

@@ -199,6 +199,11 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
+    /// `client_idle_timeout` in whole seconds, at least 1 (what HTTP/1 keep-alive takes).
+    pub fn keepalive_secs(&self) -> u64 {
+        self.client_idle_timeout.as_secs().max(1)
+    }
+
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }

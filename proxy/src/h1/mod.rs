@@ -201,7 +201,7 @@ impl SpaceApp {
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive(Some(self.state.server.client_idle_timeout.as_secs().max(1)));
+        session.set_keepalive(Some(self.state.server.keepalive_secs()));
         if !read.is_empty() {
             session.set_pipelined_prefix(BytesMut::from(read));
         }
@@ -911,7 +911,7 @@ async fn write_error(
     out.clear();
     out.extend_from_slice(line);
     request::push_field(out, b"content-type", b"text/plain; charset=utf-8");
-    request::push_field(out, b"content-length", body.len().to_string().as_bytes());
+    response::push_length(out, body.len() as u64);
     request::push_field(out, b"cache-control", b"no-store");
     if status == 503 {
         request::push_field(out, b"retry-after", b"5");

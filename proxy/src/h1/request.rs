@@ -10,9 +10,10 @@
 //! backend sees is canonical (CRLF, one `Content-Length`) whatever the client sent.
 use std::net::IpAddr;
 
-use crate::headers::format_ip;
+use crate::headers::{format_ip, list_tokens};
 
-/// Most header fields in a request head the fast path parses; more go to Pingora.
+/// Most header fields in a head the fast path parses: more in a request goes to Pingora,
+/// more in a response is answered 502.
 pub const MAX_HEADERS: usize = 96;
 
 /// A request head the fast path serves, borrowed from the connection's read buffer.
@@ -108,8 +109,7 @@ pub fn parse<'b>(
                 content_length = Some(parse_length(h.value).ok_or("bad Content-Length")?);
             }
             Field::Connection => {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in list_tokens(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {

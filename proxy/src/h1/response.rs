@@ -4,11 +4,8 @@
 //! backend connection can be used again.
 use space_registry::{CompiledModule, ModuleAffinity};
 
-use super::request::{parse_length, push_field};
-use crate::{affinity, service::Affinity};
-
-/// Most header fields in a response head; more is answered 502.
-const MAX_HEADERS: usize = 96;
+use super::request::{parse_length, push_field, MAX_HEADERS};
+use crate::{affinity, headers::list_tokens, service::Affinity};
 
 /// How the response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,12 +102,11 @@ pub fn parse_and_rewrite(
             }
             Field::TransferEncoding => {
                 // The final coding decides; anything but chunked last is read until close.
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                let last = list_tokens(h.value).next_back().unwrap_or(b"");
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             }
             Field::Connection => {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in list_tokens(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         keepalive = false;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
@@ -245,7 +241,7 @@ fn field_class(name: &str) -> Field {
     }
 }
 
-fn push_length(out: &mut Vec<u8>, mut n: u64) {
+pub(super) fn push_length(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
