@@ -22,7 +22,6 @@ pub type Token = [u8; 16];
 /// The affinity keys in use. `Debug` never prints them.
 #[derive(Clone)]
 pub struct AffinityKeys {
-    keys: Vec<Vec<u8>>,
     /// One keyed HMAC state per key, cloned per token (saves re-keying each time).
     macs: Vec<HmacSha256>,
     /// Identifies this key set (a hash of the keys), for caches.
@@ -31,20 +30,12 @@ pub struct AffinityKeys {
     pub source: String,
 }
 
-impl PartialEq for AffinityKeys {
-    fn eq(&self, other: &Self) -> bool {
-        self.keys == other.keys
-    }
-}
-
-impl Eq for AffinityKeys {}
-
 impl fmt::Debug for AffinityKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "AffinityKeys({} key(s) from {})",
-            self.keys.len(),
+            self.macs.len(),
             self.source
         )
     }
@@ -98,7 +89,6 @@ impl AffinityKeys {
         let fingerprint =
             u64::from_le_bytes(fp.finalize().into_bytes()[..8].try_into().expect("8 bytes"));
         AffinityKeys {
-            keys,
             macs,
             fingerprint,
             source,
@@ -111,11 +101,11 @@ impl AffinityKeys {
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.macs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.macs.is_empty()
     }
 
     fn mac(&self, key: usize) -> HmacSha256 {

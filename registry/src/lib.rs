@@ -19,9 +19,7 @@ mod publish;
 mod stats;
 mod table;
 
-pub use affinity::{
-    decode_token, encode_token, AffinityKeys, CookieVerdict, ModuleAffinity, Token,
-};
+pub use affinity::{AffinityKeys, CookieVerdict, ModuleAffinity, Token};
 pub use balance::{PickKey, Picker};
 pub use config::{
     load_config, normalize_prefix, parse_config, Config, ConfigError, ConfigIssue, DnsSettings,
