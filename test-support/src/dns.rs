@@ -375,30 +375,17 @@ fn free_udp_and_tcp_addr() -> SocketAddr {
 /// Waits until our child listens on the port (TCP, so not some other process) and answers a
 /// UDP query.
 fn wait_answering(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
-    let start = Instant::now();
-    let mut last = "no attempt yet".to_string();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "dnsmasq exited with {status}; last observed: {last}"
-            ));
-        }
-        if spawn::pid_listens_on(child.id(), addr.port()) {
+    spawn::wait_child_ready(
+        child,
+        "dnsmasq",
+        addr.port(),
+        "answering",
+        START_DEADLINE,
+        || {
             // Any answer will do (a refusal included): it proves the server is up.
-            match query(addr, "space-test-readiness.invalid", RecordType::A) {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e,
-            }
-        } else {
-            last = "dnsmasq not listening yet".to_string();
-        }
-        if start.elapsed() >= START_DEADLINE {
-            return Err(format!(
-                "not answering within {START_DEADLINE:?}; last observed: {last}"
-            ));
-        }
-        std::thread::sleep(crate::POLL_INTERVAL);
-    }
+            query(addr, "space-test-readiness.invalid", RecordType::A).map(|_| ())
+        },
+    )
 }
 
 /// Asks `server` (one UDP query each for A and AAAA) for the addresses of `name`: sorted and

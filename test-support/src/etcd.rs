@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -322,27 +322,14 @@ impl Drop for Etcd {
 }
 
 fn wait_healthy(child: &mut Child, client: SocketAddr) -> Result<(), String> {
-    let start = Instant::now();
-    let mut last = "no attempt yet".to_string();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("etcd exited with {status}; last observed: {last}"));
-        }
-        if spawn::pid_listens_on(child.id(), client.port()) {
-            match health(client) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-        } else {
-            last = "etcd not listening yet".to_string();
-        }
-        if start.elapsed() >= START_DEADLINE {
-            return Err(format!(
-                "not healthy within {START_DEADLINE:?}; last observed: {last}"
-            ));
-        }
-        std::thread::sleep(crate::POLL_INTERVAL);
-    }
+    spawn::wait_child_ready(
+        child,
+        "etcd",
+        client.port(),
+        "healthy",
+        START_DEADLINE,
+        || health(client),
+    )
 }
 
 fn health(client: SocketAddr) -> Result<(), String> {

@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::spawn::{self, OutputFiles};
 
@@ -264,26 +264,11 @@ impl Drop for PhpServer {
 
 /// Waits until `child` itself listens on `addr` and `/index.php` answers 200.
 fn wait_serving(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
-    let start = Instant::now();
-    let mut last = "no attempt yet".to_string();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("php exited with {status}; last observed: {last}"));
+    spawn::wait_child_ready(child, "php", addr.port(), "serving", START_DEADLINE, || {
+        match crate::http::get_blocking(addr, "/index.php") {
+            Ok(response) if response.status == 200 => Ok(()),
+            Ok(response) => Err(format!("{} {}", response.status, response.text())),
+            Err(e) => Err(format!("error: {e}")),
         }
-        if spawn::pid_listens_on(child.id(), addr.port()) {
-            match crate::http::get_blocking(addr, "/index.php") {
-                Ok(response) if response.status == 200 => return Ok(()),
-                Ok(response) => last = format!("{} {}", response.status, response.text()),
-                Err(e) => last = format!("error: {e}"),
-            }
-        } else {
-            last = "php not listening yet".to_string();
-        }
-        if start.elapsed() >= START_DEADLINE {
-            return Err(format!(
-                "not serving within {START_DEADLINE:?}; last observed: {last}"
-            ));
-        }
-        std::thread::sleep(crate::POLL_INTERVAL);
-    }
+    })
 }

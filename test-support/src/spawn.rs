@@ -194,6 +194,42 @@ where
 ///
 /// Used after a "pick a free port, start the program" race: a server that lost the race
 /// exits, but meanwhile another process may answer on the port; this tells them apart.
+/// Waits until `child` itself listens on `port` and `probe` passes, within `deadline`.
+/// `name` ("etcd") and `goal` ("healthy") word the errors: the child exited, is not
+/// listening yet, or did not reach the goal in time, each with the last thing observed.
+pub(crate) fn wait_child_ready(
+    child: &mut Child,
+    name: &str,
+    port: u16,
+    goal: &str,
+    deadline: std::time::Duration,
+    mut probe: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    let mut last = "no attempt yet".to_string();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{name} exited with {status}; last observed: {last}"
+            ));
+        }
+        if pid_listens_on(child.id(), port) {
+            match probe() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        } else {
+            last = format!("{name} not listening yet");
+        }
+        if start.elapsed() >= deadline {
+            return Err(format!(
+                "not {goal} within {deadline:?}; last observed: {last}"
+            ));
+        }
+        std::thread::sleep(crate::POLL_INTERVAL);
+    }
+}
+
 pub(crate) fn pid_listens_on(pid: u32, port: u16) -> bool {
     let inodes = listening_inodes(port);
     if inodes.is_empty() {
