@@ -38,6 +38,13 @@ fn module_args(etcd: &str, args: &[&str]) -> Vec<String> {
     all
 }
 
+/// `register --manifest <manifest> --addr <addr>` and `extra`.
+fn register<'a>(manifest: &'a str, addr: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["register", "--manifest", manifest, "--addr", addr];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Runs a one-shot `space module ...`: (exit code, stdout, stderr).
 fn run_module(etcd: &str, args: &[&str]) -> (i32, String, String) {
     let (status, out, err) = run_to_completion(SPACE, module_args(etcd, args));
@@ -96,21 +103,20 @@ fn register_writes_keys_keeps_the_lease_alive_and_drains_on_sigterm() {
         SPACE,
         module_args(
             &etcd.endpoint(),
-            &[
-                "register",
-                "--manifest",
+            &register(
                 manifest.to_str().unwrap(),
-                "--addr",
                 "127.0.0.1:9000",
-                "--id",
-                "labs-1",
-                "--weight",
-                "3",
-                "--ttl",
-                "2s",
-                "--drain-period",
-                "1s",
-            ],
+                &[
+                    "--id",
+                    "labs-1",
+                    "--weight",
+                    "3",
+                    "--ttl",
+                    "2s",
+                    "--drain-period",
+                    "1s",
+                ],
+            ),
         ),
     );
     let line = wait_registered(&mut registrar);
@@ -183,21 +189,17 @@ fn register_refuses_an_overlapping_prefix_unless_forced() {
         "/space/modules/other",
         r#"{"name":"other","prefixes":["/modules/labs"]}"#,
     );
-    let register = |extra: &[&str]| {
-        let mut args = vec![
-            "register",
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:9002",
-            "--drain-period",
-            "0s",
-        ];
-        args.extend_from_slice(extra);
-        module_args(&etcd.endpoint(), &args)
+    let manifest = manifest.to_str().unwrap();
+    let registrar_args = |extra: &[&str]| {
+        let mut more = vec!["--drain-period", "0s"];
+        more.extend_from_slice(extra);
+        module_args(
+            &etcd.endpoint(),
+            &register(manifest, "127.0.0.1:9002", &more),
+        )
     };
 
-    let (status, out, err) = run_to_completion(SPACE, register(&[]));
+    let (status, out, err) = run_to_completion(SPACE, registrar_args(&[]));
     assert_eq!(status.code(), Some(1), "{out}{err}");
     for needle in ["`labs`", "`other`", "/modules/labs", "--force"] {
         assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
@@ -205,7 +207,7 @@ fn register_refuses_an_overlapping_prefix_unless_forced() {
     assert!(etcd.get_prefix("/space/instances/").is_empty());
     assert_eq!(etcd.get("/space/modules/labs"), None);
 
-    let mut forced = SpaceProcess::spawn(SPACE, register(&["--force"]));
+    let mut forced = SpaceProcess::spawn(SPACE, registrar_args(&["--force"]));
     wait_registered(&mut forced);
     assert!(etcd.get("/space/modules/labs").is_some());
     // Default id: <hostname>-<port>.
@@ -230,13 +232,7 @@ fn register_rejects_bad_input_and_an_unreachable_etcd() {
     );
     let (code, out, err) = run_module(
         &nothing,
-        &[
-            "register",
-            "--manifest",
-            bad.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:9000",
-        ],
+        &register(bad.to_str().unwrap(), "127.0.0.1:9000", &[]),
     );
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("bad.toml: prefixes[0]"), "{err}");
@@ -245,28 +241,14 @@ fn register_rejects_bad_input_and_an_unreachable_etcd() {
     let good = labs_manifest(dir.path());
     let (code, out, err) = run_module(
         &nothing,
-        &[
-            "register",
-            "--manifest",
-            good.to_str().unwrap(),
-            "--addr",
-            "labs:80",
-            "--weight",
-            "0",
-        ],
+        &register(good.to_str().unwrap(), "labs:80", &["--weight", "0"]),
     );
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("--addr") && err.contains("--weight"), "{err}");
 
     let (code, out, err) = run_module(
         &nothing,
-        &[
-            "register",
-            "--manifest",
-            good.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:9000",
-        ],
+        &register(good.to_str().unwrap(), "127.0.0.1:9000", &[]),
     );
     assert_eq!(code, 2, "{out}{err}");
     assert!(
@@ -286,17 +268,11 @@ fn a_killed_registrar_s_instance_expires_with_its_lease() {
         SPACE,
         module_args(
             &etcd.endpoint(),
-            &[
-                "register",
-                "--manifest",
+            &register(
                 manifest.to_str().unwrap(),
-                "--addr",
                 "127.0.0.1:9000",
-                "--id",
-                "doomed",
-                "--ttl",
-                "2s",
-            ],
+                &["--id", "doomed", "--ttl", "2s"],
+            ),
         ),
     );
     wait_registered(&mut registrar);
@@ -539,19 +515,18 @@ fn a_custom_prefix_is_honoured() {
         SPACE,
         module_args(
             &etcd.endpoint(),
-            &[
-                "register",
-                "--prefix",
-                "/clinic-a",
-                "--manifest",
+            &register(
                 manifest.to_str().unwrap(),
-                "--addr",
                 "127.0.0.1:9000",
-                "--id",
-                "one",
-                "--drain-period",
-                "0s",
-            ],
+                &[
+                    "--prefix",
+                    "/clinic-a",
+                    "--id",
+                    "one",
+                    "--drain-period",
+                    "0s",
+                ],
+            ),
         ),
     );
     wait_registered(&mut registrar);
@@ -577,19 +552,11 @@ fn the_registrar_outlives_etcd_outages_and_lost_leases() {
         SPACE,
         module_args(
             &etcd.endpoint(),
-            &[
-                "register",
-                "--manifest",
+            &register(
                 manifest.to_str().unwrap(),
-                "--addr",
                 "127.0.0.1:9000",
-                "--id",
-                "steady",
-                "--ttl",
-                "2s",
-                "--drain-period",
-                "0s",
-            ],
+                &["--id", "steady", "--ttl", "2s", "--drain-period", "0s"],
+            ),
         ),
     );
     wait_registered(&mut registrar);
