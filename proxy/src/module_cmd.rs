@@ -504,7 +504,7 @@ async fn register(etcd: &EtcdArgs, a: RegisterArgs) -> Result<(), Failure> {
     let modules = within(
         "reading the registered modules",
         client.get(
-            format!("{prefix}modules/"),
+            etcd_keys::modules_prefix(&prefix),
             Some(GetOptions::new().with_prefix()),
         ),
     )
@@ -573,7 +573,7 @@ async fn register(etcd: &EtcdArgs, a: RegisterArgs) -> Result<(), Failure> {
         granted: ttl_secs as i64,
         keeper: None,
         dirty: false,
-        failing_since: None,
+        failing: false,
         last_renewed: Instant::now(),
         backoff: BACKOFF_START,
     };
@@ -687,8 +687,8 @@ struct Registrar {
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     /// The instance value changed and must be written again.
     dirty: bool,
-    /// When the current round of failures began, if failing.
-    failing_since: Option<Instant>,
+    /// Renewals are failing (the next success logs the recovery).
+    failing: bool,
     /// When etcd last confirmed the registration.
     last_renewed: Instant,
     backoff: Duration,
@@ -806,7 +806,7 @@ impl Registrar {
     async fn tick(&mut self) -> Duration {
         match self.round().await {
             Ok(round) => {
-                if self.failing_since.take().is_some() {
+                if std::mem::take(&mut self.failing) {
                     info!(
                         "etcd answers again (the previous renewal was {}s ago)",
                         self.last_renewed.elapsed().as_secs()
@@ -824,7 +824,7 @@ impl Registrar {
                 self.interval()
             }
             Err(e) => {
-                self.failing_since.get_or_insert_with(Instant::now);
+                self.failing = true;
                 let wait = self.backoff;
                 warn!(
                     "cannot renew the registration ({e}); retrying in {wait:?} (last renewal {}s ago; \

@@ -46,6 +46,10 @@ pub fn instance_key(prefix: &str, module: &str, id: &str) -> String {
     format!("{prefix}instances/{module}/{id}")
 }
 
+pub fn modules_prefix(prefix: &str) -> String {
+    format!("{prefix}modules/")
+}
+
 pub fn instances_prefix(prefix: &str, module: &str) -> String {
     format!("{prefix}instances/{module}/")
 }

@@ -205,10 +205,13 @@ pub fn write_upstream_head(out: &mut Vec<u8>, head: &RequestHead<'_>, fwd: &Forw
     let mut xff_kept = false;
     let (mut xfp_kept, mut xfh_kept) = (false, false);
     // A trusted peer's chain is extended after its last X-Forwarded-For field.
-    let last_xff = head
-        .headers
-        .iter()
-        .rposition(|h| field_class(h.name) == Field::XForwardedFor);
+    let last_xff = if fwd.trusted {
+        head.headers
+            .iter()
+            .rposition(|h| field_class(h.name) == Field::XForwardedFor)
+    } else {
+        None
+    };
     for (i, h) in head.headers.iter().enumerate() {
         match field_class(h.name) {
             Field::Drop | Field::Connection | Field::NotServed => continue,
