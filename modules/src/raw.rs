@@ -10,6 +10,16 @@ pub enum SizeValue {
     Text(String),
 }
 
+impl SizeValue {
+    /// The size in bytes: a number as it is, text such as `32MiB` parsed.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(t) => crate::units::parse_size(t),
+        }
+    }
+}
+
 /// One module manifest as written in TOML or JSON.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

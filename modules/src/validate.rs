@@ -5,7 +5,7 @@ use crate::{
     spec::{AffinitySpec, DnsQuery, SameSite, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY},
     units, DenyRules, HashOn, HealthCheckSpec, HostPattern, InstanceId, InstanceSpec, Issue,
     LoadBalancing, ManifestError, ModuleName, ModuleSpec, PathPrefix, RawInstance, RawManifest,
-    SizeValue, StatusRanges, Timeouts,
+    StatusRanges, Timeouts,
 };
 
 /// Parses and validates a TOML manifest (a standalone manifest file).
@@ -94,8 +94,7 @@ pub fn validate_manifest(raw: &RawManifest) -> Result<ModuleSpec, Vec<Issue>> {
 
     let max_body_size = match &raw.max_body_size {
         None => DEFAULT_MAX_BODY,
-        Some(SizeValue::Bytes(n)) => *n,
-        Some(SizeValue::Text(t)) => units::parse_size(t).unwrap_or_else(|e| {
+        Some(size) => size.bytes().unwrap_or_else(|e| {
             issues.push(Issue::new(
                 "max_body_size",
                 e,

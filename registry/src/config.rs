@@ -12,8 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use space_modules::{
-    parse_duration, parse_size, toml_issue, validate_manifest, Issue, ModuleSpec, RawManifest,
-    SizeValue,
+    parse_duration, toml_issue, validate_manifest, Issue, ModuleSpec, RawManifest, SizeValue,
 };
 
 use crate::{table::find_conflicts, AffinityKeys};
@@ -363,8 +362,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
     );
     let max_header_size = match &s.max_header_size {
         None => 64 * 1024,
-        Some(SizeValue::Bytes(n)) => *n as usize,
-        Some(SizeValue::Text(t)) => parse_size(t).map(|n| n as usize).unwrap_or_else(|e| {
+        Some(size) => size.bytes().map(|n| n as usize).unwrap_or_else(|e| {
             push("server.max_header_size", e, "write a size such as `64KiB`");
             64 * 1024
         }),

@@ -82,13 +82,7 @@ fn parse_entry(key: &str, value: &str) -> Parsed {
                 "the manifest is named `{}` but the key names `{module}`",
                 spec.name
             )),
-            Err(e) => Parsed::Invalid(
-                e.issues
-                    .iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
+            Err(e) => Parsed::Invalid(join_issues(&e.issues)),
         },
         EtcdKey::Instance { module, id } => {
             let raw: RawInstance = match serde_json::from_str(value) {
@@ -111,17 +105,19 @@ fn parse_entry(key: &str, value: &str) -> Parsed {
                     module: module.to_string(),
                     spec,
                 },
-                Err(issues) => Parsed::Invalid(
-                    issues
-                        .iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ),
+                Err(issues) => Parsed::Invalid(join_issues(&issues)),
             }
         }
         EtcdKey::Other => Parsed::Ignored,
     }
+}
+
+fn join_issues(issues: &[space_modules::Issue]) -> String {
+    issues
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A piece of desired state that was refused.
