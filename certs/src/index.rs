@@ -81,7 +81,7 @@ impl<T: Clone> SniIndex<T> {
 
 /// Lowercase without a trailing dot; borrows when the name already is (the usual case,
 /// so the handshake path does not allocate).
-fn normalize(sni: &str) -> Cow<'_, str> {
+pub(crate) fn normalize(sni: &str) -> Cow<'_, str> {
     let trimmed = sni.trim_end_matches('.');
     if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(trimmed.to_ascii_lowercase())

@@ -451,7 +451,7 @@ fn leaf_names(leaf: &X509Certificate<'_>) -> (Vec<String>, Vec<IpAddr>) {
 
 /// Lowercase, without a trailing dot: how names are stored and compared.
 pub(crate) fn normalize_name(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
+    crate::index::normalize(name).into_owned()
 }
 
 /// Reads every file of a scan and hashes what was found, so a watcher can tell
