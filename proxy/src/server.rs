@@ -291,14 +291,6 @@ impl pingora_core::services::background::BackgroundService for DnsService {
         let for_hook = dns.clone();
         self.desired
             .set_dns_hook(Box::new(move |targets| for_hook.set_targets(targets)));
-        let table = self.desired.routes().load();
-        dns.set_targets(
-            table
-                .modules()
-                .iter()
-                .filter_map(|m| m.spec.dns.clone().map(|q| (m.spec.name.clone(), q)))
-                .collect(),
-        );
         let _ = self.handle.set(dns.clone());
         let _ = shutdown.changed().await;
         dns.shutdown();

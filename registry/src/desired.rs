@@ -112,6 +112,13 @@ fn parse_entry(key: &str, value: &str) -> Parsed {
     }
 }
 
+/// The modules whose instances come from DNS, with their queries.
+fn dns_targets<'m>(modules: impl Iterator<Item = &'m ModuleSpec>) -> Vec<(ModuleName, DnsQuery)> {
+    modules
+        .filter_map(|m| m.dns.clone().map(|q| (m.name.clone(), q)))
+        .collect()
+}
+
 fn join_issues(issues: &[space_modules::Issue]) -> String {
     issues
         .iter()
@@ -168,8 +175,12 @@ impl Desired {
         &self.routes
     }
 
-    /// Installs the hook that hands DNS targets to the DNS provider.
+    /// Installs the hook that hands DNS targets to the DNS provider, and hands it the
+    /// current ones. Holding the state lock, no rebuild can slip in between.
     pub fn set_dns_hook(&self, hook: DnsTargetsHook) {
+        let _state = self.lock();
+        let table = self.routes.load();
+        hook(dns_targets(table.modules().iter().map(|m| &m.spec)));
         *self.dns_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
@@ -239,10 +250,7 @@ impl Desired {
         let keys: &AffinityKeys = &file.affinity_keys;
         let table = RouteTable::compile(&modules, &self.states, keys, &revision)
             .map_err(|e| e.join("; "))?;
-        let targets: Vec<(ModuleName, DnsQuery)> = modules
-            .iter()
-            .filter_map(|m| m.dns.clone().map(|q| (m.name.clone(), q)))
-            .collect();
+        let targets = dns_targets(modules.iter());
         self.routes.publish(table);
         let old = self.refusals.load_full();
         for r in refusals.iter().filter(|r| !old.contains(r)) {
