@@ -72,12 +72,7 @@ impl AdminApp {
                 })
             })
             .collect();
-        let last_error = self
-            .reload
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let last_error = self.reload.last_error();
         json!({
             "revision": table.revision(),
             "modules": modules,

@@ -19,7 +19,28 @@ use space_registry::{load_config, Config, Desired};
 pub struct ReloadStats {
     pub applied: AtomicU64,
     pub refused: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ReloadStats {
+    /// Counts a reload and remembers why it was refused (`None`: applied).
+    fn record(&self, refused: Option<&str>) {
+        let counter = if refused.is_some() {
+            &self.refused
+        } else {
+            &self.applied
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = refused.map(str::to_string);
+    }
+
+    /// Why the last reload was refused, unless one was applied since.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Re-reads the configuration and hands it to the desired state, which publishes.
@@ -48,22 +69,12 @@ impl Reloader {
             Ok(None) => Ok(self.desired.routes().load().revision().to_string()),
             Ok(Some(revision)) => {
                 let table = self.desired.routes().load();
-                self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
+                self.stats.record(None);
                 tracing::info!(trigger, revision = %revision, modules = table.modules().len(), instances = table.instance_count(), "configuration reloaded");
                 Ok(revision)
             }
             Err(why) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                self.stats.record(Some(&why));
                 tracing::error!(trigger, revision = %self.desired.routes().load().revision(),
                     "configuration change refused; still serving the previous route table:\n  {why}");
                 Err(why)
