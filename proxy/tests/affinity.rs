@@ -11,6 +11,11 @@ use test_support::{assert_eventually_async, PhpServer};
 
 const AFFINITY: &str = "session_cookies = [\"PHPSESSID\"]\naffinity = { cookie = \"space-portal\", drain_timeout = \"2s\" }";
 
+/// The portal module with every one of `php` serving (none draining).
+fn serving(php: &[PhpServer]) -> String {
+    php_module(&php.iter().map(|p| (p, false)).collect::<Vec<_>>(), "")
+}
+
 fn php_module(instances: &[(&PhpServer, bool)], extra: &str) -> String {
     let mut s = format!(
         "[[module]]\nname = \"portal\"\nprefixes = [\"/\"]\n{AFFINITY}\n{FAST_HEALTH}\n{extra}\n"
@@ -64,10 +69,7 @@ fn php_servers(n: usize) -> Vec<PhpServer> {
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_sessions_count_to_twenty_without_reset() {
     let php = php_servers(3);
-    let space = Space::start(&php_module(
-        &[(&php[0], false), (&php[1], false), (&php[2], false)],
-        "",
-    ));
+    let space = Space::start(&serving(&php[..3]));
     let base = space.url("");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -108,10 +110,7 @@ async fn fifty_sessions_count_to_twenty_without_reset() {
 #[tokio::test(flavor = "multi_thread")]
 async fn adding_an_instance_moves_no_session_and_takes_new_ones() {
     let php = php_servers(4);
-    let space = Space::start(&php_module(
-        &[(&php[0], false), (&php[1], false), (&php[2], false)],
-        "",
-    ));
+    let space = Space::start(&serving(&php[..3]));
     let base = space.url("");
     let browsers: Vec<Browser> = (0..20).map(|_| Browser::new()).collect();
     let mut home = Vec::new();
@@ -119,15 +118,7 @@ async fn adding_an_instance_moves_no_session_and_takes_new_ones() {
         b.count(&base).await;
         home.push(b.count(&base).await.0);
     }
-    space.rewrite_modules(&php_module(
-        &[
-            (&php[0], false),
-            (&php[1], false),
-            (&php[2], false),
-            (&php[3], false),
-        ],
-        "",
-    ));
+    space.rewrite_modules(&serving(&php[..4]));
     // The new instance is in the table and has passed its first check.
     assert_eventually_async!(
         async {
@@ -163,7 +154,7 @@ async fn adding_an_instance_moves_no_session_and_takes_new_ones() {
 #[tokio::test(flavor = "multi_thread")]
 async fn draining_keeps_pinned_sessions_until_the_deadline() {
     let php = php_servers(2);
-    let space = Space::start(&php_module(&[(&php[0], false), (&php[1], false)], ""));
+    let space = Space::start(&serving(&php[..2]));
     let base = space.url("");
     // Sessions on both instances.
     let mut on_0 = Vec::new();
@@ -210,10 +201,7 @@ async fn draining_keeps_pinned_sessions_until_the_deadline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_instance_repins_only_its_sessions_and_no_request_fails() {
     let mut php = php_servers(3);
-    let space = Space::start(&php_module(
-        &[(&php[0], false), (&php[1], false), (&php[2], false)],
-        "",
-    ));
+    let space = Space::start(&serving(&php[..3]));
     let base = space.url("");
     let browsers: Vec<Browser> = (0..15).map(|_| Browser::new()).collect();
     let mut before = Vec::new();
@@ -263,7 +251,7 @@ async fn a_killed_instance_repins_only_its_sessions_and_no_request_fails() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_sharing_a_key_file_behave_as_one() {
     let php = php_servers(3);
-    let modules = php_module(&[(&php[0], false), (&php[1], false), (&php[2], false)], "");
+    let modules = serving(&php[..3]);
     let key_dir = test_support::temp_dir();
     let key_file = key_dir.path().join("affinity.key");
     std::fs::write(&key_file, "replica-shared-key-0123456789abcdef\n").unwrap();
@@ -286,7 +274,7 @@ async fn two_replicas_sharing_a_key_file_behave_as_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_routing_cookie_is_ignored() {
     let php = php_servers(2);
-    let space = Space::start(&php_module(&[(&php[0], false), (&php[1], false)], ""));
+    let space = Space::start(&serving(&php[..2]));
     let c = client();
     for forged in ["127.0.0.1:80", "AAAAAAAAAAAAAAAAAAAAAA", "php-0"] {
         let r = c
