@@ -300,6 +300,24 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
     parse_config(&text, path)
 }
 
+/// A duration field: its default when absent; one that does not parse is reported, with
+/// `example` in the fix, and the default used.
+fn duration_field(
+    push: &mut impl FnMut(&str, String, &str),
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+    example: &str,
+) -> Duration {
+    match value {
+        None => default,
+        Some(t) => parse_duration(t).unwrap_or_else(|e| {
+            push(field, e, &format!("write a duration such as `{example}`"));
+            default
+        }),
+    }
+}
+
 /// Validates configuration text as if read from `path` (relative paths resolve beside it).
 pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
@@ -338,27 +356,26 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "use the number of cores, e.g. 2",
         );
     }
-    let mut duration = |field: &str, v: &Option<String>, default: Duration| match v {
-        None => default,
-        Some(t) => parse_duration(t).unwrap_or_else(|e| {
-            push(field, e, "write a duration such as `30s`");
-            default
-        }),
-    };
-    let grace_period = duration(
+    let grace_period = duration_field(
+        &mut push,
         "server.grace_period",
         &s.grace_period,
         Duration::from_secs(30),
+        "30s",
     );
-    let client_idle_timeout = duration(
+    let client_idle_timeout = duration_field(
+        &mut push,
         "server.client_idle_timeout",
         &s.client_idle_timeout,
         Duration::from_secs(60),
+        "30s",
     );
-    let lingering_time = duration(
+    let lingering_time = duration_field(
+        &mut push,
         "server.lingering_time",
         &s.lingering_time,
         Duration::from_secs(10),
+        "30s",
     );
     let max_header_size = match &s.max_header_size {
         None => 64 * 1024,
@@ -613,22 +630,19 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 "set both for mutual TLS, or neither",
             );
         }
-        let mut dur = |field: &str, v: &Option<String>, d: Duration| match v {
-            None => d,
-            Some(t) => parse_duration(t).unwrap_or_else(|err| {
-                push(field, err, "write a duration such as `5ms`");
-                d
-            }),
-        };
-        let debounce = dur(
+        let debounce = duration_field(
+            &mut push,
             "discovery.etcd.debounce",
             &e.debounce,
             Duration::from_millis(5),
+            "5ms",
         );
-        let connect_timeout = dur(
+        let connect_timeout = duration_field(
+            &mut push,
             "discovery.etcd.connect_timeout",
             &e.connect_timeout,
             Duration::from_secs(3),
+            "5ms",
         );
         if connect_timeout.is_zero() {
             push(
@@ -666,22 +680,19 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ConfigError> {
                     })
                     .ok()
             });
-            let mut dur = |field: &str, v: &Option<String>, d: Duration| match v {
-                None => d,
-                Some(t) => parse_duration(t).unwrap_or_else(|err| {
-                    push(field, err, "write a duration such as `1s`");
-                    d
-                }),
-            };
-            let min_interval = dur(
+            let min_interval = duration_field(
+                &mut push,
                 "discovery.dns.min_interval",
                 &d.min_interval,
                 defaults.min_interval,
+                "1s",
             );
-            let max_interval = dur(
+            let max_interval = duration_field(
+                &mut push,
                 "discovery.dns.max_interval",
                 &d.max_interval,
                 defaults.max_interval,
+                "1s",
             );
             if min_interval.is_zero() {
                 push(
